@@ -1,0 +1,1 @@
+"""Expert-placement load balancing: load recording, placement algorithm, placement maps, migration, CLI."""

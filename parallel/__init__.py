@@ -1,0 +1,1 @@
+"""Process groups and launch environment, token dispatchers, two-batch overlap."""

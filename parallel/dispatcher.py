@@ -1,0 +1,155 @@
+"""The dispatch/combine seam between routing and the expert GEMMs, its registry, and the one-process backend.
+
+Shapes (T tokens on this rank, K experts per token, H hidden, E_local expert slots on this rank):
+- `dispatch(x[T, H], topk_ids[T, K] int64 physical slot ids (-1 = none), topk_weights[T, K] float32)
+  -> (DispatchedTokens, handle)`;
+- `combine(y, handle) -> out[T, H]`, `y` in the layout of the `DispatchedTokens` it answers, row for row.
+Each is split into a start and a wait half so two-batch overlap can run one micro-batch's communication under the
+other's compute. The handle is returned to the caller and never kept on the dispatcher.
+
+Combine sums a token's expert outputs in top-k slot order, `out[t] = sum_k w[t, k] * y[row(t, k)]`, whatever the
+backend or EP size, so the summation order (and so the rounding) does not depend on where experts live.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, Callable, Literal
+
+import torch
+
+from engine.errors import WideepError
+
+
+@dataclass
+class DispatchedTokens:
+    """Tokens as they reach this rank's expert slots, in one of the two layouts the expert GEMMs take.
+
+    contiguous: hidden `[N, H]`, rows grouped by local slot in slot order; `tokens_per_expert[e]` rows each.
+    masked: hidden `[E_local, max_m, H]`; only the first `tokens_per_expert[e]` rows of slot e are valid.
+    tokens_per_expert: `[E_local]` int64, on the device of `hidden`.
+    scales: FP8 dispatch only: per-token 1x128 scales, `[N, H/128]` or `[E_local, max_m, H/128]` float32.
+    """
+
+    layout: Literal["contiguous", "masked"]
+    hidden: torch.Tensor
+    tokens_per_expert: torch.Tensor
+    scales: torch.Tensor | None = None
+
+
+@dataclass
+class RowMap:
+    """Where each (token, k) pair's expert output sits in the combined rows.
+
+    row: `[T, K]` int64 row of `y` holding token t's k-th expert output (-1: no expert).
+    weights: `[T, K]` float32 routing weights.
+    """
+
+    row: torch.Tensor
+    weights: torch.Tensor
+
+    def weighted_sum(self, y_rows: torch.Tensor) -> torch.Tensor:
+        """y_rows: `[N, H]` -> `[T, H]` in y's dtype, summed in k order (fp32 accumulation)."""
+        t, k = self.row.shape
+        out = torch.zeros(t, y_rows.shape[-1], dtype=torch.float32, device=y_rows.device)
+        for j in range(k):
+            r = self.row[:, j]
+            valid = r >= 0
+            picked = y_rows[r.clamp(min=0)].float() * (self.weights[:, j] * valid).unsqueeze(-1)
+            out += picked
+        return out.to(y_rows.dtype)
+
+
+def group_by_slot(
+    topk_ids: torch.Tensor, num_slots: int, slot_offset: int = 0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Sort (token, k) pairs that target slots `[slot_offset, slot_offset + num_slots)` by slot.
+
+    topk_ids: `[T, K]` int64 physical ids, -1 for none.
+    Returns (token_index `[N]` int64, tokens_per_slot `[num_slots]` int64, row `[T, K]` int64 -1 where not local).
+    """
+    t, k = topk_ids.shape
+    flat = topk_ids.reshape(-1) - slot_offset
+    local = (topk_ids.reshape(-1) >= 0) & (flat >= 0) & (flat < num_slots)
+    pairs = local.nonzero().squeeze(1)
+    order = torch.argsort(flat[pairs], stable=True)
+    pairs = pairs[order]
+    row = torch.full((t * k,), -1, dtype=torch.int64, device=topk_ids.device)
+    row[pairs] = torch.arange(pairs.numel(), device=topk_ids.device)
+    counts = torch.bincount(flat[pairs], minlength=num_slots)[:num_slots]
+    return pairs // k, counts, row.view(t, k)
+
+
+class Dispatcher(ABC):
+    """Moves tokens to the ranks that hold their expert slots and brings the weighted outputs back."""
+
+    num_local_slots: int
+
+    @abstractmethod
+    def dispatch_start(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> Any:
+        """Begin sending; returns an opaque pending object for `dispatch_wait`."""
+
+    @abstractmethod
+    def dispatch_wait(self, pending: Any) -> tuple[DispatchedTokens, Any]:
+        """Finish the dispatch; returns the tokens for the local experts and the handle `combine` needs."""
+
+    @abstractmethod
+    def combine_start(self, y: torch.Tensor, handle: Any) -> Any:
+        """Begin returning expert outputs `y` (layout of the dispatched tokens)."""
+
+    @abstractmethod
+    def combine_wait(self, pending: Any) -> torch.Tensor:
+        """Finish the combine; returns `[T, H]`, the weighted sum of each token's expert outputs."""
+
+    def dispatch(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor):
+        return self.dispatch_wait(self.dispatch_start(x, topk_ids, topk_weights))
+
+    def combine(self, y: torch.Tensor, handle: Any) -> torch.Tensor:
+        return self.combine_wait(self.combine_start(y, handle))
+
+
+_REGISTRY: dict[str, Callable[..., Dispatcher]] = {}
+
+
+def register_dispatcher(name: str) -> Callable[[type], type]:
+    def wrap(cls: type) -> type:
+        if name in _REGISTRY:
+            raise RuntimeError(f"dispatcher '{name}' registered twice")
+        _REGISTRY[name] = cls
+        return cls
+
+    return wrap
+
+
+def make_dispatcher(name: str, **kwargs: Any) -> Dispatcher:
+    """Build the backend registered under `name` (`--moe-a2a-backend`)."""
+    if name not in _REGISTRY:
+        raise WideepError(f"--moe-a2a-backend {name!r} is not known; choose one of {sorted(_REGISTRY)}")
+    return _REGISTRY[name](**kwargs)
+
+
+def available_dispatchers() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+@register_dispatcher("local")
+class LocalDispatcher(Dispatcher):
+    """One process holds every slot: dispatch is a sort by slot, combine a weighted sum. No communication."""
+
+    def __init__(self, num_local_slots: int, **_: Any) -> None:
+        self.num_local_slots = num_local_slots
+
+    def dispatch_start(self, x, topk_ids, topk_weights):
+        token_index, counts, row = group_by_slot(topk_ids, self.num_local_slots)
+        tokens = DispatchedTokens("contiguous", x[token_index], counts)
+        return tokens, RowMap(row, topk_weights.float())
+
+    def dispatch_wait(self, pending):
+        return pending
+
+    def combine_start(self, y, handle: RowMap):
+        return handle.weighted_sum(y)
+
+    def combine_wait(self, pending):
+        return pending
