@@ -29,7 +29,7 @@ def tiny(num_layers: int = 3, fp8: bool = False) -> ModelConfig:
         v_head_dim=16,
         rope_theta=10000.0,
         rope=YarnRope(factor=4.0, original_max_position_embeddings=64, mscale=1.0, mscale_all_dim=1.0),
-        max_position_embeddings=4096,
+        max_position_embeddings=256,
         dtype="bfloat16",
         quant=Fp8Quant() if fp8 else None,
         bos_token_id=0,

@@ -1,0 +1,71 @@
+"""The flattened description of one forward step: which tokens, at which positions, reading which cache slots."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class ForwardBatch:
+    """B sequences, T new tokens in all (sequence after sequence).
+
+    input_ids: `[T]` int64; positions: `[T]` int64; out_slots: `[T]` int64 cache slot each new token is written to.
+    extend_lens / prefix_lens: per sequence, new tokens this step and tokens already cached (host ints).
+    page_table: `[B, S_max]` int64 cache slots of every token of each sequence (prefix then new), 0-padded.
+    seq_lens: `[B]` int64 prefix + new.
+    decode: every sequence adds exactly one token (attention takes the absorbed path).
+    """
+
+    input_ids: torch.Tensor
+    positions: torch.Tensor
+    out_slots: torch.Tensor
+    extend_lens: list[int]
+    prefix_lens: list[int]
+    page_table: torch.Tensor
+    seq_lens: torch.Tensor
+    decode: bool
+
+    @property
+    def num_tokens(self) -> int:
+        return self.input_ids.shape[0]
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.extend_lens)
+
+    @property
+    def last_token_index(self) -> torch.Tensor:
+        """`[B]` int64 row of each sequence's last new token in the flattened batch."""
+        ends = torch.tensor(self.extend_lens, dtype=torch.int64).cumsum(0) - 1
+        return ends.to(self.input_ids.device)
+
+    @classmethod
+    def build(
+        cls,
+        new_tokens: list[list[int]],
+        prefix_lens: list[int],
+        seq_slots: list[torch.Tensor],
+        device: torch.device | str,
+    ) -> "ForwardBatch":
+        """new_tokens[b]: tokens to run for sequence b; seq_slots[b]: `[prefix + new]` cache slots of all its tokens."""
+        extend = [len(t) for t in new_tokens]
+        lens = [p + n for p, n in zip(prefix_lens, extend)]
+        width = max(lens, default=0)
+        table = torch.zeros(len(lens), width, dtype=torch.int64)
+        for b, slots in enumerate(seq_slots):
+            table[b, : lens[b]] = slots[: lens[b]]
+        ids = [t for toks in new_tokens for t in toks]
+        pos = [p + i for p, n in zip(prefix_lens, extend) for i in range(n)]
+        out = [s for b, slots in enumerate(seq_slots) for s in slots[prefix_lens[b] : lens[b]].tolist()]
+        return cls(
+            input_ids=torch.tensor(ids, dtype=torch.int64).to(device),
+            positions=torch.tensor(pos, dtype=torch.int64).to(device),
+            out_slots=torch.tensor(out, dtype=torch.int64).to(device),
+            extend_lens=extend,
+            prefix_lens=list(prefix_lens),
+            page_table=table.to(device),
+            seq_lens=torch.tensor(lens, dtype=torch.int64).to(device),
+            decode=bool(extend) and all(n == 1 for n in extend) and all(p > 0 for p in prefix_lens),
+        )

@@ -1,0 +1,89 @@
+"""DeepSeek-V3/R1: embedding, decoder layers (MLA + dense MLP or MoE), final norm, lm_head.
+
+Built from a mapping of checkpoint-named tensors (see engine.weights); weights are plain tensors, not nn.Parameters,
+because this is an inference engine: no autograd, no module hooks.
+"""
+
+from __future__ import annotations
+
+from typing import MutableMapping
+
+import torch
+import torch.nn.functional as F
+
+from engine.attention import MLAttention
+from engine.batch import ForwardBatch
+from engine.config import ModelConfig
+from engine.kv_cache import LatentKVCache
+from engine.layers import MLP, RMSNorm, take
+from engine.moe import MoE
+from engine.rope import RotaryEmbedding
+from eplb.placement import ExpertPlacement
+from parallel.dispatcher import Dispatcher, LocalDispatcher
+
+
+class DecoderLayer:
+    def __init__(self, cfg: ModelConfig, weights, layer: int, rope: RotaryEmbedding, moe_args: dict):
+        p = f"model.layers.{layer}"
+        self.input_norm = RMSNorm(take(weights, p + ".input_layernorm.weight"), cfg.rms_norm_eps)
+        self.attn = MLAttention(cfg, weights, layer, rope)
+        self.post_attn_norm = RMSNorm(take(weights, p + ".post_attention_layernorm.weight"), cfg.rms_norm_eps)
+        self.moe = cfg.is_moe_layer(layer)
+        self.mlp = MoE(cfg, weights, layer, **moe_args) if self.moe else MLP(weights, p + ".mlp")
+
+    def __call__(self, x: torch.Tensor, batch: ForwardBatch, kv_cache: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.input_norm(x), batch, kv_cache)
+        h = self.post_attn_norm(x)
+        return x + (self.mlp(h, batch.positions) if self.moe else self.mlp(h))
+
+
+class DeepseekV3:
+    """The model of one rank: replicated attention and dense parts, and the routed expert slots it holds.
+
+    placement: which logical expert fills each physical slot (trivial: slot = expert); rank `ep_rank` of `ep_size`
+    holds slots `[ep_rank * P/ep_size, (ep_rank + 1) * P/ep_size)`. `weights` must hold those experts; tensors are
+    consumed from it as layers are built.
+    """
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        weights: MutableMapping[str, torch.Tensor],
+        *,
+        device: torch.device | str = "cpu",
+        placement: ExpertPlacement | None = None,
+        ep_rank: int = 0,
+        ep_size: int = 1,
+        dispatcher: Dispatcher | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.device = torch.device(device)
+        self.placement = placement or ExpertPlacement.trivial(len(cfg.moe_layers), cfg.n_routed_experts)
+        slots = self.placement.slots_per_rank(ep_size)
+        self.dispatcher = dispatcher or LocalDispatcher(num_local_slots=slots)
+        self.embed = take(weights, "model.embed_tokens.weight")
+        self.dtype = self.embed.dtype
+        rope = RotaryEmbedding(cfg, self.device)
+        moe_args = dict(placement=self.placement.to_device(self.device), ep_rank=ep_rank, ep_size=ep_size,
+                        dispatcher=self.dispatcher)
+        self.layers = [DecoderLayer(cfg, weights, i, rope, moe_args) for i in range(cfg.num_hidden_layers)]
+        self.norm = RMSNorm(take(weights, "model.norm.weight"), cfg.rms_norm_eps)
+        self.lm_head = self.embed if cfg.tie_word_embeddings else take(weights, "lm_head.weight")
+
+    def new_kv_cache(self, capacity: int) -> LatentKVCache:
+        """A cache for `capacity` tokens across all layers, in the model's dtype."""
+        return LatentKVCache(self.cfg.num_hidden_layers, capacity, self.cfg.kv_cache_dim, self.dtype, self.device)
+
+    @torch.inference_mode()
+    def forward(self, batch: ForwardBatch, kv_cache: LatentKVCache, all_logits: bool = False) -> torch.Tensor:
+        """Runs the batch's new tokens, writing their latents to `kv_cache`.
+
+        Returns float32 logits `[B, vocab]` for each sequence's last new token, or `[T, vocab]` for every new
+        token when `all_logits`.
+        """
+        x = F.embedding(batch.input_ids, self.embed)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, batch, kv_cache.layer(i))
+        if not all_logits:
+            x = x[batch.last_token_index]
+        return F.linear(self.norm(x), self.lm_head).float()

@@ -1,0 +1,87 @@
+"""The MoE layer: router -> logical ids -> physical slots -> dispatch -> local expert GEMMs -> combine, plus shared experts.
+
+The layer only ever computes the expert slots this rank holds; the dispatcher decides where tokens go, so the same
+code runs on one process (local dispatcher) and across ranks (torch all-to-all, DeepEP).
+"""
+
+from __future__ import annotations
+
+from typing import MutableMapping
+
+import torch
+import torch.nn.functional as F
+
+from engine.config import ModelConfig
+from engine.layers import MLP, take
+from eplb.placement import ExpertPlacement, map_static
+from kernels.moe import grouped_mlp_contiguous, grouped_mlp_masked
+from kernels.router import grouped_topk
+from parallel.dispatcher import Dispatcher
+
+
+def stack_experts(
+    weights: MutableMapping[str, torch.Tensor], layer: int, experts: list[int]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Local slots' expert weights as w13 `[E_local, 2I, H]` and w2 `[E_local, H, I]`.
+
+    `experts[s]` is the logical expert of slot s (an expert may fill several slots). The per-expert tensors are
+    removed from `weights` once stacked, so a layer's experts are never held twice.
+    """
+    p = f"model.layers.{layer}.mlp.experts"
+    w13 = torch.stack([torch.cat([take(weights, f"{p}.{e}.gate_proj.weight"),
+                                  take(weights, f"{p}.{e}.up_proj.weight")]) for e in experts])
+    w2 = torch.stack([take(weights, f"{p}.{e}.down_proj.weight") for e in experts])
+    for e in set(experts):
+        for proj in ("gate_proj", "up_proj", "down_proj"):
+            weights.pop(f"{p}.{e}.{proj}.weight", None)
+    return w13, w2
+
+
+class MoE:
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        weights: MutableMapping[str, torch.Tensor],
+        layer: int,
+        *,
+        placement: ExpertPlacement,
+        ep_rank: int,
+        ep_size: int,
+        dispatcher: Dispatcher,
+    ) -> None:
+        p = f"model.layers.{layer}.mlp"
+        self.cfg = cfg
+        self.moe_index = layer - cfg.first_k_dense_replace
+        # The router runs in fp32, as the reference model does: selection is sensitive to rounding.
+        self.gate = take(weights, p + ".gate.weight").float()
+        self.bias = take(weights, p + ".gate.e_score_correction_bias").float()
+        self.placement = placement
+        self.redundant = placement.num_slots != placement.num_experts
+        self.w13, self.w2 = stack_experts(weights, layer, placement.local_experts(self.moe_index, ep_rank, ep_size))
+        self.dispatcher = dispatcher
+        self.shared = MLP(weights, p + ".shared_experts") if cfg.n_shared_experts else None
+
+    def route(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: `[T, H]` -> (physical slot ids `[T, K]` int64, weights `[T, K]` float32)."""
+        c = self.cfg
+        logits = F.linear(x.float(), self.gate)
+        ids, weights = grouped_topk(logits, self.bias, c.num_experts_per_tok, c.n_group, c.topk_group,
+                                    c.routed_scaling_factor, c.norm_topk_prob)
+        if self.redundant:
+            ids = map_static(self.placement, self.moe_index, ids, positions)
+        return ids, weights
+
+    def experts(self, tokens) -> torch.Tensor:
+        """Local expert MLPs over `DispatchedTokens`, answering in the same layout."""
+        if tokens.layout == "masked":
+            return grouped_mlp_masked(tokens.hidden, tokens.tokens_per_expert, self.w13, self.w2)
+        return grouped_mlp_contiguous(tokens.hidden, tokens.tokens_per_expert, self.w13, self.w2)
+
+    def __call__(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """x: `[T, H]`, positions: `[T]` -> `[T, H]`."""
+        ids, weights = self.route(x, positions)
+        tokens, handle = self.dispatcher.dispatch(x, ids, weights)
+        out = self.dispatcher.combine(self.experts(tokens), handle)
+        if self.shared is not None:
+            out = out + self.shared(x)
+        return out
