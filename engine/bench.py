@@ -1,0 +1,176 @@
+"""`python -m engine.bench`: offline throughput, in the shape of `sglang.bench_offline_throughput`.
+
+With no arguments it runs the built-in tiny DeepSeek-V3-shaped model with dummy weights on random prompts.
+stdout: a result table, then one JSON line (also appended to `--result-filename`); logs and progress on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from engine.build import ModelSource, build_model, pick_device, pick_dtype
+from engine.cli_args import add_model_args, setup_logging
+from engine.errors import WideepError, run_cli
+from engine.runner import Request, Runner, RunnerConfig
+from engine.sampling import SamplingParams
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m engine.bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_args(p, default_model="tiny")
+    d = p.add_argument_group("dataset")
+    d.add_argument("--dataset-name", default="random", choices=["random"])
+    d.add_argument("--num-prompts", type=int, default=32)
+    d.add_argument("--random-input-len", type=int, default=128)
+    d.add_argument("--random-output-len", type=int, default=32)
+    d.add_argument("--random-range-ratio", type=float, default=0.0,
+                   help="lengths are drawn uniformly from [ratio * len, len] (1.0: all exactly len)")
+    p.add_argument("--disable-ignore-eos", action="store_true", help="stop a request at its end-of-sequence token")
+    p.add_argument("--warmup-requests", type=int, default=1, help="requests run once before timing")
+    p.add_argument("--result-filename", help="append the result JSON line to this file")
+    args = p.parse_args(argv)
+    for flag in ("num_prompts", "random_input_len", "random_output_len"):
+        if getattr(args, flag) < 1:
+            raise WideepError(f"--{flag.replace('_', '-')} must be >= 1, found {getattr(args, flag)}")
+    if not 0.0 <= args.random_range_ratio <= 1.0:
+        raise WideepError(f"--random-range-ratio must lie in [0, 1], found {args.random_range_ratio}")
+    return args
+
+
+def random_requests(args: argparse.Namespace, vocab: int, seed: int) -> list[Request]:
+    """Random token prompts with lengths drawn as sglang's random dataset draws them."""
+    g = torch.Generator().manual_seed(seed)
+
+    def lengths(full: int) -> list[int]:
+        low = max(int(full * args.random_range_ratio), 1)
+        return torch.randint(low, full + 1, (args.num_prompts,), generator=g).tolist()
+
+    inputs, outputs = lengths(args.random_input_len), lengths(args.random_output_len)
+    return [
+        Request(i, torch.randint(0, vocab, (n_in,), generator=g).tolist(),
+                SamplingParams(max_new_tokens=n_out, ignore_eos=not args.disable_ignore_eos))
+        for i, (n_in, n_out) in enumerate(zip(inputs, outputs))
+    ]
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).resolve().parent)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def print_table(result: dict) -> None:
+    rows = [
+        ("Backend", "wideep"),
+        ("Model", result["model"]),
+        ("Device", result["device"]),
+        ("Successful requests", result["successful_requests"]),
+        ("Benchmark duration (s)", f"{result['total_latency']:.2f}"),
+        ("Total input tokens", result["total_input_tokens"]),
+        ("Total generated tokens", result["total_output_tokens"]),
+        ("Request throughput (req/s)", f"{result['request_throughput']:.2f}"),
+        ("Input token throughput (tok/s)", f"{result['input_throughput']:.2f}"),
+        ("Output token throughput (tok/s)", f"{result['output_throughput']:.2f}"),
+        ("Total token throughput (tok/s)", f"{result['total_throughput']:.2f}"),
+    ]
+    print(f"{' Offline Throughput Benchmark Result ':=^60}")
+    for name, value in rows:
+        print(f"{name + ':':<40}{value:>20}")
+    print("=" * 60)
+
+
+def append_result(path: str, result: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(result) + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    setup_logging()
+    if args.result_filename and not Path(args.result_filename).resolve().parent.is_dir():
+        raise WideepError(f"--result-filename {args.result_filename}: its directory does not exist")
+    source = ModelSource.resolve(args.model, args.num_layers)
+    device = pick_device(args.device)
+    dtype = pick_dtype(args.dtype, device)
+    model = build_model(source, load_format=args.load_format, device=device, dtype=dtype, seed=args.seed)
+    runner = Runner(model, RunnerConfig(args.max_running_requests, args.max_prefill_tokens, args.seed))
+    vocab = source.cfg.vocab_size
+
+    if args.warmup_requests:
+        warm = random_requests(argparse.Namespace(**{**vars(args), "num_prompts": args.warmup_requests,
+                                                     "random_output_len": 4}), vocab, args.seed + 1)
+        runner.generate(warm)
+    requests = random_requests(args, vocab, args.seed)
+    total_out = sum(r.params.max_new_tokens for r in requests)
+    sync(device)
+    with tqdm(total=total_out, desc="bench", unit="tok", file=sys.stderr, dynamic_ncols=True) as bar:
+        start = time.perf_counter()
+        runner.generate(requests, on_step=bar.update)
+        sync(device)
+        latency = time.perf_counter() - start
+
+    n_in = sum(len(r.input_ids) for r in requests)
+    n_out = sum(len(r.output_ids) for r in requests)
+    result = {
+        "successful_requests": sum(r.finished for r in requests),
+        "total_input_tokens": n_in,
+        "total_output_tokens": n_out,
+        "total_latency": latency,
+        "request_throughput": len(requests) / latency,
+        "input_throughput": n_in / latency,
+        "output_throughput": n_out / latency,
+        "total_throughput": (n_in + n_out) / latency,
+        "model": source.name,
+        "num_layers": source.cfg.num_hidden_layers,
+        "quantization": "fp8" if source.cfg.quant else "none",
+        "load_format": args.load_format,
+        "dtype": str(dtype).removeprefix("torch."),
+        "num_prompts": args.num_prompts,
+        "random_input_len": args.random_input_len,
+        "random_output_len": args.random_output_len,
+        "random_range_ratio": args.random_range_ratio,
+        "max_running_requests": args.max_running_requests,
+        "seed": args.seed,
+        "device": device_name(device),
+        "num_gpus": 1 if device.type == "cuda" else 0,
+        "commit": git_commit(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+    print_table(result)
+    if args.result_filename:
+        append_result(args.result_filename, result)
+    print(json.dumps(result), flush=True)
+    return 0
+
+
+def cli() -> None:
+    run_cli(main, sys.argv[1:])
+
+
+if __name__ == "__main__":
+    cli()

@@ -1,0 +1,30 @@
+"""Flags shared by the entry points (`engine.generate`, `engine.bench`) and their logging setup."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+
+def add_model_args(parser: argparse.ArgumentParser, default_model: str | None = None) -> None:
+    g = parser.add_argument_group("model")
+    g.add_argument("--model", default=default_model, required=default_model is None,
+                   help="checkpoint directory (config.json + safetensors), or a built-in preset: tiny, v3"
+                   + (f" (default: {default_model})" if default_model else ""))
+    g.add_argument("--load-format", default="auto", choices=["auto", "safetensors", "dummy"],
+                   help="dummy: random weights of the right shapes, no files read (auto: dummy for presets)")
+    g.add_argument("--num-layers", type=int, default=None,
+                   help="run only the first N decoder layers (benchmarks of full-width models that must fit)")
+    g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (auto: cuda when available)")
+    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="compute dtype (auto: bfloat16 on GPU, float32 on CPU)")
+    g.add_argument("--seed", type=int, default=0, help="seed for dummy weights, datasets and sampling")
+    g.add_argument("--max-running-requests", type=int, default=64, help="requests decoded together")
+    g.add_argument("--max-prefill-tokens", type=int, default=8192, help="prompt tokens per prefill forward")
+
+
+def setup_logging(verbose: bool = False) -> None:
+    """Logs go to stderr so that stdout carries only results (its last line is JSON)."""
+    logging.basicConfig(stream=sys.stderr, level=logging.DEBUG if verbose else logging.INFO,
+                        format="[wideep %(asctime)s] %(message)s", datefmt="%H:%M:%S", force=True)
