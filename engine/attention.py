@@ -41,16 +41,17 @@ class MLAttention:
         self.w_uk, self.w_uv = kv_b[:, : self.nope], kv_b[:, self.nope :]
         self.o_proj = Linear.load(weights, p + ".o_proj")
 
-    def __call__(self, x: torch.Tensor, batch: ForwardBatch, kv_cache: torch.Tensor) -> torch.Tensor:
-        """x: `[T, hidden]`; kv_cache: `[slots, r + d_r]` of this layer, written at `batch.out_slots` -> `[T, hidden]`."""
+    def __call__(self, x: torch.Tensor, batch: ForwardBatch, kv_cache: torch.Tensor, cos_sin) -> torch.Tensor:
+        """x: `[T, hidden]`; kv_cache: `[slots, r + d_r]` of this layer, written at `batch.out_slots`;
+        cos_sin: the rotary tables of the batch's positions (`RotaryEmbedding.lookup`) -> `[T, hidden]`."""
         t = x.shape[0]
         q = self.q_b_proj(self.q_a_norm(self.q_a_proj(x))) if self.q_lora else self.q_proj(x)
         q = q.view(t, self.heads, self.nope + self.rope_dim)
         q_nope, q_rope = q.split([self.nope, self.rope_dim], dim=-1)
-        q_rope = self.rope.apply(q_rope, batch.positions)
+        q_rope = self.rope.apply(q_rope, *cos_sin)
         latent, k_rope = self.kv_a_proj(x).split([self.rank, self.rope_dim], dim=-1)
         latent = self.kv_a_norm(latent)
-        k_rope = self.rope.apply(k_rope, batch.positions)
+        k_rope = self.rope.apply(k_rope, *cos_sin)
         kv_cache[batch.out_slots] = torch.cat([latent, k_rope], dim=-1).to(kv_cache.dtype)
 
         if batch.decode:

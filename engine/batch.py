@@ -36,6 +36,11 @@ class ForwardBatch:
         return len(self.extend_lens)
 
     @property
+    def max_seq_len(self) -> int:
+        """Longest sequence after this step (host int: sizing tables needs no device sync)."""
+        return max((p + n for p, n in zip(self.prefix_lens, self.extend_lens)), default=0)
+
+    @property
     def last_token_index(self) -> torch.Tensor:
         """`[B]` int64 row of each sequence's last new token in the flattened batch."""
         ends = torch.tensor(self.extend_lens, dtype=torch.int64).cumsum(0) - 1

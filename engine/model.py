@@ -31,8 +31,8 @@ class DecoderLayer:
         self.moe = cfg.is_moe_layer(layer)
         self.mlp = MoE(cfg, weights, layer, **moe_args) if self.moe else MLP(weights, p + ".mlp")
 
-    def __call__(self, x: torch.Tensor, batch: ForwardBatch, kv_cache: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.input_norm(x), batch, kv_cache)
+    def __call__(self, x: torch.Tensor, batch: ForwardBatch, kv_cache: torch.Tensor, cos_sin) -> torch.Tensor:
+        x = x + self.attn(self.input_norm(x), batch, kv_cache, cos_sin)
         h = self.post_attn_norm(x)
         return x + (self.mlp(h, batch.positions) if self.moe else self.mlp(h))
 
@@ -63,7 +63,7 @@ class DeepseekV3:
         self.dispatcher = dispatcher or LocalDispatcher(num_local_slots=slots)
         self.embed = take(weights, "model.embed_tokens.weight")
         self.dtype = self.embed.dtype
-        rope = RotaryEmbedding(cfg, self.device)
+        self.rope = rope = RotaryEmbedding(cfg, self.device)
         moe_args = dict(placement=self.placement.to_device(self.device), ep_rank=ep_rank, ep_size=ep_size,
                         dispatcher=self.dispatcher)
         self.layers = [DecoderLayer(cfg, weights, i, rope, moe_args) for i in range(cfg.num_hidden_layers)]
@@ -82,8 +82,9 @@ class DeepseekV3:
         token when `all_logits`.
         """
         x = F.embedding(batch.input_ids, self.embed)
+        cos_sin = self.rope.lookup(batch.positions, batch.max_seq_len)
         for i, layer in enumerate(self.layers):
-            x = layer(x, batch, kv_cache.layer(i))
+            x = layer(x, batch, kv_cache.layer(i), cos_sin)
         if not all_logits:
             x = x[batch.last_token_index]
         return F.linear(self.norm(x), self.lm_head).float()

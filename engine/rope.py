@@ -52,14 +52,16 @@ class RotaryEmbedding:
         self.cos = freqs.cos() * self.scale
         self.sin = freqs.sin() * self.scale
 
-    def apply(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """x: `[T, ..., d]`, positions: `[T]` int64 -> rotated x, same shape and dtype (math in fp32)."""
-        need = int(positions.max()) + 1 if positions.numel() else 0
-        if need > self.cos.shape[0]:
-            self._build(max(need, 2 * self.cos.shape[0]), self.cos.device)
-        shape = (positions.shape[0],) + (1,) * (x.dim() - 2) + (-1,)
-        cos = self.cos[positions].view(shape)
-        sin = self.sin[positions].view(shape)
+    def lookup(self, positions: torch.Tensor, max_position: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions: `[T]` int64, all < max_position (known on the host, so no device sync) -> cos, sin `[T, d/2]`."""
+        if max_position > self.cos.shape[0]:
+            self._build(max(max_position, 2 * self.cos.shape[0]), self.cos.device)
+        return self.cos[positions], self.sin[positions]
+
+    def apply(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """x: `[T, ..., d]`; cos, sin: `[T, d/2]` from `lookup` -> rotated x, same shape and dtype (math in fp32)."""
+        shape = (cos.shape[0],) + (1,) * (x.dim() - 2) + (cos.shape[1],)
+        cos, sin = cos.view(shape), sin.view(shape)
         xf = x.float()
         if self.interleave:
             x1, x2 = xf[..., 0::2], xf[..., 1::2]
