@@ -22,18 +22,28 @@ from parallel.dispatcher import Dispatcher
 def stack_experts(
     weights: MutableMapping[str, torch.Tensor], layer: int, experts: list[int]
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Local slots' expert weights as w13 `[E_local, 2I, H]` and w2 `[E_local, H, I]`.
+    """Local slots' expert weights as w13 `[E_local, 2I, H]` (gate rows, then up rows) and w2 `[E_local, H, I]`.
 
-    `experts[s]` is the logical expert of slot s (an expert may fill several slots). The per-expert tensors are
-    removed from `weights` once stacked, so a layer's experts are never held twice.
+    `experts[s]` is the logical expert of slot s (an expert may fill several slots). Each per-expert tensor is
+    copied into place and then dropped from `weights`, so with a lazy mapping (dummy weights) a full-size layer
+    never exists twice.
     """
     p = f"model.layers.{layer}.mlp.experts"
-    w13 = torch.stack([torch.cat([take(weights, f"{p}.{e}.gate_proj.weight"),
-                                  take(weights, f"{p}.{e}.up_proj.weight")]) for e in experts])
-    w2 = torch.stack([take(weights, f"{p}.{e}.down_proj.weight") for e in experts])
-    for e in set(experts):
-        for proj in ("gate_proj", "up_proj", "down_proj"):
-            weights.pop(f"{p}.{e}.{proj}.weight", None)
+    last_use = {e: s for s, e in enumerate(experts)}
+    w13 = w2 = None
+    for s, e in enumerate(experts):
+        gate, up = take(weights, f"{p}.{e}.gate_proj.weight"), take(weights, f"{p}.{e}.up_proj.weight")
+        down = take(weights, f"{p}.{e}.down_proj.weight")
+        if w13 is None:
+            inter, hidden = gate.shape
+            w13 = gate.new_empty(len(experts), 2 * inter, hidden)
+            w2 = down.new_empty(len(experts), hidden, inter)
+        w13[s, :inter].copy_(gate)
+        w13[s, inter:].copy_(up)
+        w2[s].copy_(down)
+        if last_use[e] == s:
+            for proj in ("gate_proj", "up_proj", "down_proj"):
+                weights.pop(f"{p}.{e}.{proj}.weight", None)
     return w13, w2
 
 
