@@ -81,9 +81,9 @@ def build_model(
     if load_format == "auto":
         load_format = "dummy" if source.path is None else "safetensors"
     if load_format == "dummy":
-        from engine.dummy import dummy_weights
+        from engine.dummy import LazyDummyWeights
 
-        weights = dummy_weights(cfg, experts=experts, device=device, dtype=dtype, seed=seed)
+        weights = LazyDummyWeights(cfg, experts=experts, device=device, dtype=dtype, seed=seed)
     elif load_format == "safetensors":
         if source.path is None:
             raise WideepError(f"--model {source.name} is a built-in preset with no files; use --load-format dummy")

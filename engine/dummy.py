@@ -13,13 +13,14 @@ a small router (sigmoid scores near 0.5, but not all equal) and a small selectio
 from __future__ import annotations
 
 import zlib
+from collections.abc import MutableMapping
 from typing import Iterable, Iterator
 
 import torch
 
 from engine.config import ModelConfig
 from engine.loader import check_experts, convert, is_scale, output_specs
-from engine.weights import FP8_DTYPE, TensorSpec, checkpoint_tensors, scale_shape
+from engine.weights import FP8_DTYPE, SCALE_SUFFIX, TensorSpec, checkpoint_tensors, scale_shape
 from kernels.fp8 import FP8_MAX
 
 # Spread of the e4m3 values before scaling: the block maximum (~4.5 sigma) stays well inside FP8_MAX = 448
@@ -107,3 +108,48 @@ def dummy_weights(
                                                     block=block):
         out.update(convert(name, spec, tensor, scale, cfg, dtype=dtype, keep_fp8=keep_fp8))
     return out
+
+
+class LazyDummyWeights(MutableMapping):
+    """The mapping `dummy_weights` returns, made one tensor at a time as the model asks for it.
+
+    A tensor is created on first access and kept until popped; the model pops each expert's tensors once it has
+    copied them into its stacked layout, so building a full-width model never holds a MoE layer twice on the device.
+    Values equal `dummy_weights` with the same arguments.
+    """
+
+    def __init__(self, cfg: ModelConfig, *, experts: Iterable[int] | None = None,
+                 device: str | torch.device = "cpu", dtype: torch.dtype = torch.bfloat16, keep_fp8: bool = False,
+                 seed: int = 0) -> None:
+        experts = check_experts(cfg, experts)
+        self._cfg, self._device, self._dtype, self._keep_fp8, self._seed = cfg, torch.device(device), dtype, keep_fp8, seed
+        self._specs = checkpoint_tensors(cfg, experts)
+        self._names = set(output_specs(cfg, experts, dtype=dtype, keep_fp8=keep_fp8))
+        self._made: dict[str, torch.Tensor] = {}
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self._made:
+            if name not in self._names:
+                raise KeyError(name)
+            base = name.removesuffix(SCALE_SUFFIX) if is_scale(name, self._specs) else name
+            block = self._cfg.quant.block if self._cfg.quant is not None else (128, 128)
+            tensor, scale = random_tensor(base, self._specs[base], seed=self._seed, device=self._device, block=block)
+            self._made.update(convert(base, self._specs[base], tensor, scale, self._cfg, dtype=self._dtype,
+                                      keep_fp8=self._keep_fp8))
+        return self._made[name]
+
+    def __setitem__(self, name: str, value: torch.Tensor) -> None:
+        self._names.add(name)
+        self._made[name] = value
+
+    def __delitem__(self, name: str) -> None:
+        if name not in self._names:
+            raise KeyError(name)
+        self._names.discard(name)
+        self._made.pop(name, None)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(sorted(self._names))
+
+    def __len__(self) -> int:
+        return len(self._names)

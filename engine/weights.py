@@ -105,16 +105,3 @@ def checkpoint_tensors(
     if not cfg.tie_word_embeddings:
         specs["lm_head.weight"] = TensorSpec((cfg.vocab_size, cfg.hidden_size), dt)
     return specs
-
-
-def layer_of(name: str) -> int | None:
-    """Decoder layer index of a checkpoint tensor name, or None for embeddings, final norm and lm_head."""
-    if not name.startswith("model.layers."):
-        return None
-    return int(name.split(".", 3)[2])
-
-
-def is_mtp_tensor(cfg: ModelConfig, name: str) -> bool:
-    """True for tensors of the multi-token-prediction layers stored after the decoder layers."""
-    layer = layer_of(name)
-    return layer is not None and layer >= cfg.num_hidden_layers

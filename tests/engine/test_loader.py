@@ -319,3 +319,19 @@ def test_dummy_on_gpu_matches_loader_conversion():
     assert_matches(w, output_specs(cfg, dtype=torch.bfloat16))
     assert all(t.is_cuda and torch.isfinite(t).all() for t in w.values())
 
+
+
+def test_lazy_dummy_weights_equal_eager_and_forget_popped():
+    from engine.dummy import LazyDummyWeights, dummy_weights
+
+    for cfg, keep in [(tiny(), False), (tiny(fp8=True), True), (tiny(fp8=True), False)]:
+        eager = dummy_weights(cfg, experts=[1, 5], dtype=torch.float32, keep_fp8=keep, seed=4)
+        lazy = LazyDummyWeights(cfg, experts=[1, 5], dtype=torch.float32, keep_fp8=keep, seed=4)
+        assert sorted(lazy) == sorted(eager)
+        for name in eager:
+            assert torch.equal(lazy[name], eager[name]), name
+        name = "model.layers.1.mlp.experts.5.down_proj.weight"
+        lazy.pop(name)
+        assert name not in lazy and len(lazy) == len(eager) - 1
+        with pytest.raises(KeyError):
+            lazy["model.layers.1.mlp.experts.2.down_proj.weight"]
