@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -21,7 +22,7 @@ from tqdm import tqdm
 from engine.build import ModelSource, build_model, pick_device, pick_dtype
 from engine.cli_args import add_model_args, setup_logging
 from engine.errors import WideepError, run_cli
-from engine.runner import Request, Runner, RunnerConfig
+from engine.runner import Request, Runner, RunnerConfig, StepStats
 from engine.sampling import SamplingParams
 
 
@@ -65,6 +66,9 @@ def random_requests(args: argparse.Namespace, vocab: int, seed: int) -> list[Req
 
 
 def git_commit() -> str:
+    """The checkout's short commit; `WIDEEP_COMMIT` names it where the tree was copied without its .git."""
+    if os.environ.get("WIDEEP_COMMIT"):
+        return os.environ["WIDEEP_COMMIT"]
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
                              cwd=Path(__file__).resolve().parent)
@@ -97,6 +101,10 @@ def print_table(result: dict) -> None:
         ("Input token throughput (tok/s)", f"{result['input_throughput']:.2f}"),
         ("Output token throughput (tok/s)", f"{result['output_throughput']:.2f}"),
         ("Total token throughput (tok/s)", f"{result['total_throughput']:.2f}"),
+        ("Prefill / decode time (s)", f"{result['prefill_s']:.2f} / {result['decode_s']:.2f}"),
+        ("Mean decode step (ms)", f"{result['mean_decode_step_ms']:.2f}"),
+        ("Mean decode batch", f"{result['mean_decode_batch']:.1f}"),
+        ("Weights on device (GB)", f"{result['weight_bytes'] / 1e9:.3f}"),
     ]
     print(f"{' Offline Throughput Benchmark Result ':=^60}")
     for name, value in rows:
@@ -126,6 +134,7 @@ def main(argv: list[str] | None = None) -> int:
                                                      "random_output_len": 4}), vocab, args.seed + 1)
         runner.generate(warm)
     requests = random_requests(args, vocab, args.seed)
+    runner.stats = StepStats()
     total_out = sum(r.params.max_new_tokens for r in requests)
     sync(device)
     with tqdm(total=total_out, desc="bench", unit="tok", file=sys.stderr, dynamic_ncols=True) as bar:
@@ -145,6 +154,11 @@ def main(argv: list[str] | None = None) -> int:
         "input_throughput": n_in / latency,
         "output_throughput": n_out / latency,
         "total_throughput": (n_in + n_out) / latency,
+        "prefill_s": runner.stats.prefill_s,
+        "decode_s": runner.stats.decode_s,
+        "mean_decode_step_ms": runner.stats.mean_decode_step_ms,
+        "mean_decode_batch": runner.stats.mean_decode_batch,
+        "weight_bytes": model.weight_bytes(),
         "model": source.name,
         "num_layers": source.cfg.num_hidden_layers,
         "quantization": "fp8" if source.cfg.quant else "none",

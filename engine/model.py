@@ -70,6 +70,24 @@ class DeepseekV3:
         self.norm = RMSNorm(take(weights, "model.norm.weight"), cfg.rms_norm_eps)
         self.lm_head = self.embed if cfg.tie_word_embeddings else take(weights, "lm_head.weight")
 
+    def weight_bytes(self) -> int:
+        """Bytes of all weight tensors this rank holds (shared tensors counted once)."""
+        seen: dict[int, int] = {}
+
+        def visit(obj) -> None:
+            for value in vars(obj).values():
+                if isinstance(value, torch.Tensor):
+                    seen[value.data_ptr()] = value.numel() * value.element_size()
+                elif hasattr(value, "__dict__") and not isinstance(value, (Dispatcher, ExpertPlacement, type)):
+                    visit(value)
+                elif isinstance(value, list):
+                    for item in value:
+                        if hasattr(item, "__dict__"):
+                            visit(item)
+
+        visit(self)
+        return sum(seen.values())
+
     def new_kv_cache(self, capacity: int) -> LatentKVCache:
         """A cache for `capacity` tokens across all layers, in the model's dtype."""
         return LatentKVCache(self.cfg.num_hidden_layers, capacity, self.cfg.kv_cache_dim, self.dtype, self.device)

@@ -7,6 +7,7 @@ the reference that path is checked against.)
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
@@ -45,6 +46,27 @@ class RunnerConfig:
             raise WideepError("--max-prefill-tokens must be >= 1")
 
 
+@dataclass
+class StepStats:
+    """Wall time and work per phase. Each step ends in a host sync (sampled tokens come back to the host), so
+    host timing covers the device work without extra synchronisation."""
+
+    prefill_steps: int = 0
+    prefill_tokens: int = 0
+    prefill_s: float = 0.0
+    decode_steps: int = 0
+    decode_tokens: int = 0
+    decode_s: float = 0.0
+
+    @property
+    def mean_decode_step_ms(self) -> float:
+        return 1e3 * self.decode_s / max(self.decode_steps, 1)
+
+    @property
+    def mean_decode_batch(self) -> float:
+        return self.decode_tokens / max(self.decode_steps, 1)
+
+
 def _prefill_groups(reqs: list[Request], budget: int) -> Iterator[list[Request]]:
     """Consecutive groups of requests whose prompts total at most `budget` tokens (a longer prompt runs alone)."""
     group: list[Request] = []
@@ -67,6 +89,7 @@ class Runner:
         self.config = config
         self.eos = model.cfg.eos_token_id
         self.generator = torch.Generator(device=model.device).manual_seed(config.seed)
+        self.stats = StepStats()
         self._cache = None
 
     def _cache_for(self, tokens: int):
@@ -98,6 +121,7 @@ class Runner:
         slots = {r.rid: cache.alloc(r.max_tokens) for r in reqs}
         try:
             for group in _prefill_groups(reqs, self.config.max_prefill_tokens):
+                start = time.perf_counter()
                 batch = ForwardBatch.build([r.input_ids for r in group], [0] * len(group),
                                            [slots[r.rid] for r in group], self.model.device)
                 logits = self.model.forward(batch, cache, all_logits=prompt_logits)
@@ -106,11 +130,15 @@ class Runner:
                         r.prompt_logits = chunk.cpu()
                     logits = logits[batch.last_token_index]
                 self._append(group, logits)
+                self.stats.prefill_steps += 1
+                self.stats.prefill_tokens += batch.num_tokens
+                self.stats.prefill_s += time.perf_counter() - start
                 on_step(len(group))
             while True:
                 live = [r for r in reqs if not r.finished]
                 if not live:
                     break
+                start = time.perf_counter()
                 batch = ForwardBatch.build(
                     [[r.output_ids[-1]] for r in live],
                     [len(r.input_ids) + len(r.output_ids) - 1 for r in live],
@@ -118,6 +146,9 @@ class Runner:
                     self.model.device,
                 )
                 self._append(live, self.model.forward(batch, cache))
+                self.stats.decode_steps += 1
+                self.stats.decode_tokens += len(live)
+                self.stats.decode_s += time.perf_counter() - start
                 on_step(len(live))
         finally:
             for s in slots.values():

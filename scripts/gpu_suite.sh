@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Checks and times everything on a GPU machine in one go: the GPU test suite, then offline benchmarks.
 # Usage: scripts/gpu_suite.sh LOGDIR [quick]
-# Full logs go to LOGDIR; the last thing printed is a short table of results.
+# Full logs go to LOGDIR; the last thing printed is a short table of results. Where the tree was copied
+# without .git, set WIDEEP_COMMIT to the commit it holds.
 set -uo pipefail
 logs=${1:?usage: scripts/gpu_suite.sh LOGDIR [quick]}
 mode=${2:-full}
@@ -13,7 +14,7 @@ summary="$logs/summary.txt"
 : >"$summary"
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >"$logs/gpu.txt" 2>&1
-echo "device: $(head -2 "$logs/gpu.txt" | tail -1)  commit: $(git rev-parse --short HEAD 2>/dev/null || echo unknown)  date: $(date -u +%F)" >>"$summary"
+echo "device: $(head -2 "$logs/gpu.txt" | tail -1)  commit: ${WIDEEP_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}  date: $(date -u +%F)" >>"$summary"
 
 python -m pytest -m gpu -q -p no:cacheprovider tests >"$logs/pytest_gpu.log" 2>&1
 echo "pytest -m gpu: $(tail -1 "$logs/pytest_gpu.log")" >>"$summary"
