@@ -16,6 +16,8 @@ class ForwardBatch:
     page_table: `[B, S_max]` int64 cache slots of every token of each sequence (prefix then new), 0-padded.
     seq_lens: `[B]` int64 prefix + new.
     decode: every sequence adds exactly one token (attention takes the absorbed path).
+    mode: the job-wide mode of this step, "prefill" or "decode", the same on every rank (a rank may decode while
+    another prefills: the step is then "prefill"); dispatchers choose their kernels by it.
     """
 
     input_ids: torch.Tensor
@@ -26,6 +28,7 @@ class ForwardBatch:
     page_table: torch.Tensor
     seq_lens: torch.Tensor
     decode: bool
+    mode: str = "prefill"
 
     @property
     def num_tokens(self) -> int:
@@ -72,5 +75,13 @@ class ForwardBatch:
             prefix_lens=list(prefix_lens),
             page_table=table.to(device),
             seq_lens=torch.tensor(lens, dtype=torch.int64).to(device),
-            decode=bool(extend) and all(n == 1 for n in extend) and all(p > 0 for p in prefix_lens),
+            decode=(decode := bool(extend) and all(n == 1 for n in extend) and all(p > 0 for p in prefix_lens)),
+            mode="decode" if decode else "prefill",
         )
+
+    @classmethod
+    def empty(cls, device: torch.device | str, mode: str) -> "ForwardBatch":
+        """No tokens: what an idle rank runs so that it still joins the step's collectives."""
+        batch = cls.build([], [], [], device)
+        batch.mode = mode
+        return batch

@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from engine.build import ModelSource, build_model, pick_device, pick_dtype
+from engine.build import ModelSource, pick_dtype
+from engine.distributed import EngineParallel, build_parallel_model
 from engine.cli_args import add_model_args, setup_logging
 from engine.errors import WideepError, run_cli
 from engine.runner import Request, Runner, RunnerConfig, StepStats
@@ -93,6 +94,7 @@ def print_table(result: dict) -> None:
         ("Backend", "wideep"),
         ("Model", result["model"]),
         ("Device", result["device"]),
+        ("Ranks (EP size) / dispatcher", f"{result['world_size']} / {result['moe_a2a_backend']}"),
         ("Successful requests", result["successful_requests"]),
         ("Benchmark duration (s)", f"{result['total_latency']:.2f}"),
         ("Total input tokens", result["total_input_tokens"]),
@@ -101,7 +103,8 @@ def print_table(result: dict) -> None:
         ("Input token throughput (tok/s)", f"{result['input_throughput']:.2f}"),
         ("Output token throughput (tok/s)", f"{result['output_throughput']:.2f}"),
         ("Total token throughput (tok/s)", f"{result['total_throughput']:.2f}"),
-        ("Prefill / decode time (s)", f"{result['prefill_s']:.2f} / {result['decode_s']:.2f}"),
+        ("Per-GPU total throughput (tok/s)", f"{result['per_gpu_total_throughput']:.2f}"),
+        ("Prefill / decode time, rank 0 (s)", f"{result['prefill_s']:.2f} / {result['decode_s']:.2f}"),
         ("Mean decode step (ms)", f"{result['mean_decode_step_ms']:.2f}"),
         ("Mean decode batch", f"{result['mean_decode_batch']:.1f}"),
         ("Weights on device (GB)", f"{result['weight_bytes'] / 1e9:.3f}"),
@@ -123,42 +126,71 @@ def main(argv: list[str] | None = None) -> int:
     if args.result_filename and not Path(args.result_filename).resolve().parent.is_dir():
         raise WideepError(f"--result-filename {args.result_filename}: its directory does not exist")
     source = ModelSource.resolve(args.model, args.num_layers)
-    device = pick_device(args.device)
-    dtype = pick_dtype(args.dtype, device)
-    model = build_model(source, load_format=args.load_format, device=device, dtype=dtype, seed=args.seed)
-    runner = Runner(model, RunnerConfig(args.max_running_requests, args.max_prefill_tokens, args.seed))
-    vocab = source.cfg.vocab_size
+    par = EngineParallel.start(args)
+    try:
+        setup_logging(par.rank)
+        return run_bench(args, source, par)
+    finally:
+        par.close()
 
+
+def run_bench(args: argparse.Namespace, source: ModelSource, par: EngineParallel) -> int:
+    device = par.device
+    dtype = pick_dtype(args.dtype, device)
+    model = build_parallel_model(args, source, par, dtype)
+    runner = Runner(model, RunnerConfig(args.max_running_requests, args.max_prefill_tokens, args.seed + par.rank),
+                    sync=par.sync)
+    vocab = source.cfg.vocab_size
     if args.warmup_requests:
         warm = random_requests(argparse.Namespace(**{**vars(args), "num_prompts": args.warmup_requests,
                                                      "random_output_len": 4}), vocab, args.seed + 1)
         runner.generate(warm)
-    requests = random_requests(args, vocab, args.seed)
+    # Every rank draws the same prompts and takes every world_size-th one (DP attention, round robin).
+    requests = random_requests(args, vocab, args.seed)[par.rank :: par.world_size]
     runner.stats = StepStats()
     total_out = sum(r.params.max_new_tokens for r in requests)
     sync(device)
-    with tqdm(total=total_out, desc="bench", unit="tok", file=sys.stderr, dynamic_ncols=True) as bar:
+    par.sync.barrier()
+    with tqdm(total=total_out, desc="bench (rank 0)", unit="tok", file=sys.stderr, dynamic_ncols=True,
+              disable=not par.is_main) as bar:
         start = time.perf_counter()
         runner.generate(requests, on_step=bar.update)
         sync(device)
+        par.sync.barrier()
         latency = time.perf_counter() - start
 
-    n_in = sum(len(r.input_ids) for r in requests)
-    n_out = sum(len(r.output_ids) for r in requests)
+    mine = {
+        "input": sum(len(r.input_ids) for r in requests),
+        "output": sum(len(r.output_ids) for r in requests),
+        "finished": sum(r.finished for r in requests),
+        "stats": runner.stats,
+        "weight_bytes": model.weight_bytes(),
+        "peak_memory": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0,
+    }
+    ranks = par.sync.gather(mine)
+    if not par.is_main:
+        return 0
+    n_in = sum(r["input"] for r in ranks)
+    n_out = sum(r["output"] for r in ranks)
+    stats0 = ranks[0]["stats"]
+    world = par.world_size
     result = {
-        "successful_requests": sum(r.finished for r in requests),
+        "successful_requests": sum(r["finished"] for r in ranks),
         "total_input_tokens": n_in,
         "total_output_tokens": n_out,
         "total_latency": latency,
-        "request_throughput": len(requests) / latency,
+        "request_throughput": args.num_prompts / latency,
         "input_throughput": n_in / latency,
         "output_throughput": n_out / latency,
         "total_throughput": (n_in + n_out) / latency,
-        "prefill_s": runner.stats.prefill_s,
-        "decode_s": runner.stats.decode_s,
-        "mean_decode_step_ms": runner.stats.mean_decode_step_ms,
-        "mean_decode_batch": runner.stats.mean_decode_batch,
-        "weight_bytes": model.weight_bytes(),
+        "per_gpu_total_throughput": (n_in + n_out) / latency / world,
+        "per_gpu_output_throughput": n_out / latency / world,
+        "prefill_s": stats0.prefill_s,
+        "decode_s": stats0.decode_s,
+        "mean_decode_step_ms": stats0.mean_decode_step_ms,
+        "mean_decode_batch": stats0.mean_decode_batch,
+        "weight_bytes": ranks[0]["weight_bytes"],
+        "peak_memory_per_rank": [r["peak_memory"] for r in ranks],
         "model": source.name,
         "num_layers": source.cfg.num_hidden_layers,
         "quantization": "fp8" if source.cfg.quant else "none",
@@ -169,9 +201,14 @@ def main(argv: list[str] | None = None) -> int:
         "random_output_len": args.random_output_len,
         "random_range_ratio": args.random_range_ratio,
         "max_running_requests": args.max_running_requests,
+        "world_size": world,
+        "ep_size": par.config.ep_size,
+        "moe_a2a_backend": par.config.a2a_backend,
+        "deepep_mode": par.config.deepep_mode,
+        "ep_num_redundant_experts": args.ep_num_redundant_experts,
         "seed": args.seed,
         "device": device_name(device),
-        "num_gpus": 1 if device.type == "cuda" else 0,
+        "num_gpus": world if device.type == "cuda" else 0,
         "commit": git_commit(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }

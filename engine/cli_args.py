@@ -6,6 +6,8 @@ import argparse
 import logging
 import sys
 
+from parallel.config import add_parallel_args
+
 
 def add_model_args(parser: argparse.ArgumentParser, default_model: str | None = None) -> None:
     g = parser.add_argument_group("model")
@@ -22,9 +24,14 @@ def add_model_args(parser: argparse.ArgumentParser, default_model: str | None = 
     g.add_argument("--seed", type=int, default=0, help="seed for dummy weights, datasets and sampling")
     g.add_argument("--max-running-requests", type=int, default=64, help="requests decoded together")
     g.add_argument("--max-prefill-tokens", type=int, default=8192, help="prompt tokens per prefill forward")
+    g.add_argument("--ep-num-redundant-experts", type=int, default=0,
+                   help="extra expert slots holding replicas (experts + this must divide by --ep-size)")
+    add_parallel_args(parser)
 
 
-def setup_logging(verbose: bool = False) -> None:
-    """Logs go to stderr so that stdout carries only results (its last line is JSON)."""
-    logging.basicConfig(stream=sys.stderr, level=logging.DEBUG if verbose else logging.INFO,
-                        format="[wideep %(asctime)s] %(message)s", datefmt="%H:%M:%S", force=True)
+def setup_logging(rank: int = 0, verbose: bool = False) -> None:
+    """Logs go to stderr so that stdout carries only results (its last line is JSON); ranks other than 0 log
+    warnings only, each line naming its rank."""
+    level = logging.DEBUG if verbose else logging.INFO if rank == 0 else logging.WARNING
+    logging.basicConfig(stream=sys.stderr, level=level, format=f"[wideep r{rank} %(asctime)s] %(message)s",
+                        datefmt="%H:%M:%S", force=True)

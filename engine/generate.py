@@ -12,7 +12,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from engine.build import ModelSource, build_model, pick_device, pick_dtype
+from engine.build import ModelSource, pick_dtype
+from engine.distributed import EngineParallel, build_parallel_model
 from engine.cli_args import add_model_args, setup_logging
 from engine.errors import WideepError, run_cli
 from engine.runner import Request, Runner, RunnerConfig
@@ -108,19 +109,27 @@ def main(argv: list[str] | None = None) -> int:
         raise WideepError(f"--logits-out {args.logits_out}: its directory does not exist")
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                             top_k=args.top_k, ignore_eos=args.ignore_eos)
-    device = pick_device(args.device)
-    model = build_model(source, load_format=args.load_format, device=device, dtype=pick_dtype(args.dtype, device),
-                        seed=args.seed)
-    runner = Runner(model, RunnerConfig(args.max_running_requests, args.max_prefill_tokens, args.seed))
-    requests = [Request(i, ids, params) for i, ids in enumerate(prompts)]
-    runner.generate(requests, prompt_logits=bool(args.logits_out))
-    if args.logits_out:
-        write_logits(args.logits_out, requests[0].prompt_logits)
-    for r in requests:
-        line = {"output_ids": r.output_ids}
-        if tokenizer is not None:
-            line["text"] = tokenizer.decode(r.output_ids)
-        print(json.dumps(line), flush=True)
+    par = EngineParallel.start(args)
+    try:
+        setup_logging(par.rank)
+        model = build_parallel_model(args, source, par, pick_dtype(args.dtype, par.device))
+        # DP attention: prompt i runs on rank i mod world (prompt 0, whose logits --logits-out wants, on rank 0).
+        mine = [Request(i, ids, params) for i, ids in enumerate(prompts) if i % par.world_size == par.rank]
+        runner = Runner(model, RunnerConfig(args.max_running_requests, args.max_prefill_tokens,
+                                            args.seed + par.rank), sync=par.sync)
+        runner.generate(mine, prompt_logits=bool(args.logits_out))
+        gathered = par.sync.gather([(r.rid, r.output_ids) for r in mine])
+        if par.is_main:
+            if args.logits_out:
+                write_logits(args.logits_out, mine[0].prompt_logits)
+            outputs = dict(pair for part in gathered for pair in part)
+            for i in range(len(prompts)):
+                line = {"output_ids": outputs[i]}
+                if tokenizer is not None:
+                    line["text"] = tokenizer.decode(outputs[i])
+                print(json.dumps(line), flush=True)
+    finally:
+        par.close()
     return 0
 
 

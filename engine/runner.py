@@ -3,6 +3,10 @@
 Every request of a batch owns cache slots for its prompt and all its new tokens from the start, so a batch never runs
 out of cache midway. (Continuous batching with a paged cache replaces this path for throughput; this one stays as
 the reference that path is checked against.)
+
+Under data-parallel attention each rank runs its own requests, but every MoE layer is a collective: so every rank
+joins every step, with an empty batch when it has nothing left, and all ranks agree on the step's mode (prefill when
+any rank prefills) through the `StepSync` they are given.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from engine.batch import ForwardBatch
 from engine.errors import WideepError
 from engine.model import DeepseekV3
 from engine.sampling import SamplingParams, sample
+from parallel.step_sync import LocalStepSync, StepSync
 
 
 @dataclass
@@ -57,6 +62,7 @@ class StepStats:
     decode_steps: int = 0
     decode_tokens: int = 0
     decode_s: float = 0.0
+    idle_steps: int = 0  # steps this rank joined with no tokens of its own
 
     @property
     def mean_decode_step_ms(self) -> float:
@@ -65,6 +71,13 @@ class StepStats:
     @property
     def mean_decode_batch(self) -> float:
         return self.decode_tokens / max(self.decode_steps, 1)
+
+
+@dataclass
+class _Step:
+    prefill: bool
+    reqs: list[Request]
+    batch: ForwardBatch
 
 
 def _prefill_groups(reqs: list[Request], budget: int) -> Iterator[list[Request]]:
@@ -84,18 +97,20 @@ def _prefill_groups(reqs: list[Request], budget: int) -> Iterator[list[Request]]
 class Runner:
     """Runs requests to completion on one model; `on_step(num_new_tokens)` reports progress."""
 
-    def __init__(self, model: DeepseekV3, config: RunnerConfig = RunnerConfig()) -> None:
+    def __init__(self, model: DeepseekV3, config: RunnerConfig = RunnerConfig(), sync: StepSync | None = None):
         self.model = model
         self.config = config
+        self.sync = sync or LocalStepSync()
         self.eos = model.cfg.eos_token_id
         self.generator = torch.Generator(device=model.device).manual_seed(config.seed)
         self.stats = StepStats()
         self._cache = None
+        self._step = 0
 
     def _cache_for(self, tokens: int):
         if self._cache is None or self._cache.capacity < tokens:
             self._cache = None  # free the old buffer before taking the new one
-            self._cache = self.model.new_kv_cache(tokens)
+            self._cache = self.model.new_kv_cache(max(tokens, 1))
         return self._cache
 
     def generate(
@@ -104,6 +119,7 @@ class Runner:
         prompt_logits: bool = False,
         on_step: Callable[[int], None] | None = None,
     ) -> list[Request]:
+        """Runs `requests` (this rank's share; possibly none) to completion, joining every step of the job."""
         for r in requests:
             if not r.input_ids:
                 raise WideepError(f"request {r.rid} has an empty prompt; give at least one token")
@@ -111,48 +127,66 @@ class Runner:
             if bad:
                 raise WideepError(f"request {r.rid}: token id {bad[0]} outside the vocabulary [0, "
                                   f"{self.model.cfg.vocab_size})")
-        step = self.config.max_running_requests
-        for start in range(0, len(requests), step):
-            self._run_batch(requests[start : start + step], prompt_logits, on_step or (lambda n: None))
+        on_step = on_step or (lambda n: None)
+        plan = self._plan(requests)
+        while True:
+            step = next(plan, None)
+            with self.sync.guard(self._step, "agreeing on the next step"):
+                go, prefill = self.sync.agree(step is not None, step is not None and step.prefill)
+            if not go:
+                break
+            mode = "prefill" if prefill else "decode"
+            with self.sync.guard(self._step, f"{mode} forward"):
+                self._run(step, mode, prompt_logits, on_step)
+            self._step += 1
         return requests
 
-    def _run_batch(self, reqs: list[Request], prompt_logits: bool, on_step: Callable[[int], None]) -> None:
-        cache = self._cache_for(sum(r.max_tokens for r in reqs))
-        slots = {r.rid: cache.alloc(r.max_tokens) for r in reqs}
-        try:
-            for group in _prefill_groups(reqs, self.config.max_prefill_tokens):
-                start = time.perf_counter()
-                batch = ForwardBatch.build([r.input_ids for r in group], [0] * len(group),
-                                           [slots[r.rid] for r in group], self.model.device)
-                logits = self.model.forward(batch, cache, all_logits=prompt_logits)
-                if prompt_logits:
-                    for r, chunk in zip(group, logits.split(batch.extend_lens)):
-                        r.prompt_logits = chunk.cpu()
-                    logits = logits[batch.last_token_index]
-                self._append(group, logits)
-                self.stats.prefill_steps += 1
-                self.stats.prefill_tokens += batch.num_tokens
-                self.stats.prefill_s += time.perf_counter() - start
-                on_step(len(group))
-            while True:
-                live = [r for r in reqs if not r.finished]
-                if not live:
-                    break
-                start = time.perf_counter()
-                batch = ForwardBatch.build(
-                    [[r.output_ids[-1]] for r in live],
-                    [len(r.input_ids) + len(r.output_ids) - 1 for r in live],
-                    [slots[r.rid] for r in live],
-                    self.model.device,
-                )
-                self._append(live, self.model.forward(batch, cache))
-                self.stats.decode_steps += 1
-                self.stats.decode_tokens += len(live)
-                self.stats.decode_s += time.perf_counter() - start
-                on_step(len(live))
-        finally:
-            for s in slots.values():
-                cache.free(s)
+    def _plan(self, requests: list[Request]) -> Iterator[_Step]:
+        """This rank's steps, one at a time; each is run (and its tokens sampled) before the next is planned."""
+        window = self.config.max_running_requests
+        device = self.model.device
+        for start in range(0, len(requests), window):
+            reqs = requests[start : start + window]
+            cache = self._cache_for(sum(r.max_tokens for r in reqs))
+            slots = {r.rid: cache.alloc(r.max_tokens) for r in reqs}
+            try:
+                for group in _prefill_groups(reqs, self.config.max_prefill_tokens):
+                    yield _Step(True, group, ForwardBatch.build([r.input_ids for r in group], [0] * len(group),
+                                                                [slots[r.rid] for r in group], device))
+                while live := [r for r in reqs if not r.finished]:
+                    yield _Step(False, live, ForwardBatch.build(
+                        [[r.output_ids[-1]] for r in live],
+                        [len(r.input_ids) + len(r.output_ids) - 1 for r in live],
+                        [slots[r.rid] for r in live], device))
+            finally:
+                for s in slots.values():
+                    cache.free(s)
+
+    def _run(self, step: _Step | None, mode: str, prompt_logits: bool, on_step: Callable[[int], None]) -> None:
+        start = time.perf_counter()
+        if step is None:
+            # Nothing of our own: join the step's collectives with zero tokens.
+            self.model.forward(ForwardBatch.empty(self.model.device, mode), self._cache_for(1))
+            self.stats.idle_steps += 1
+            return
+        step.batch.mode = mode
+        want_all = prompt_logits and step.prefill
+        logits = self.model.forward(step.batch, self._cache, all_logits=want_all)
+        if want_all:
+            for r, chunk in zip(step.reqs, logits.split(step.batch.extend_lens)):
+                r.prompt_logits = chunk.cpu()
+            logits = logits[step.batch.last_token_index]
+        self._append(step.reqs, logits)
+        elapsed = time.perf_counter() - start
+        if step.prefill:
+            self.stats.prefill_steps += 1
+            self.stats.prefill_tokens += step.batch.num_tokens
+            self.stats.prefill_s += elapsed
+        else:
+            self.stats.decode_steps += 1
+            self.stats.decode_tokens += len(step.reqs)
+            self.stats.decode_s += elapsed
+        on_step(len(step.reqs))
 
     def _append(self, reqs: list[Request], logits: torch.Tensor) -> None:
         tokens = sample(logits, [r.params for r in reqs], self.generator).tolist()

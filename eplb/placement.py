@@ -34,9 +34,13 @@ class ExpertPlacement:
         return self.logcnt.shape[1]
 
     @classmethod
-    def trivial(cls, num_layers: int, num_experts: int) -> "ExpertPlacement":
-        """Slot p holds expert p: no redundancy."""
-        return cls.from_phy2log(torch.arange(num_experts).repeat(num_layers, 1), num_experts)
+    def trivial(cls, num_layers: int, num_experts: int, num_slots: int | None = None) -> "ExpertPlacement":
+        """Slot p holds expert p mod E: with redundant slots (num_slots > E) the first experts get a second replica,
+        on a later rank than the first as long as each rank holds at most E slots."""
+        num_slots = num_experts if num_slots is None else num_slots
+        if num_slots < num_experts:
+            raise WideepError(f"{num_slots} expert slots cannot hold {num_experts} experts")
+        return cls.from_phy2log((torch.arange(num_slots) % num_experts).repeat(num_layers, 1), num_experts)
 
     @classmethod
     def from_phy2log(cls, phy2log: torch.Tensor, num_experts: int) -> "ExpertPlacement":
