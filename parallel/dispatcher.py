@@ -53,6 +53,8 @@ class RowMap:
         """y_rows: `[N, H]` -> `[T, H]` in y's dtype, summed in k order (fp32 accumulation)."""
         t, k = self.row.shape
         out = torch.zeros(t, y_rows.shape[-1], dtype=torch.float32, device=y_rows.device)
+        if y_rows.shape[0] == 0:  # every pair was -1 (or this rank had no tokens): nothing to gather
+            return out.to(y_rows.dtype)
         for j in range(k):
             r = self.row[:, j]
             valid = r >= 0
