@@ -34,7 +34,7 @@ class DecoderLayer:
     def __call__(self, x: torch.Tensor, batch: ForwardBatch, kv_cache: torch.Tensor, cos_sin) -> torch.Tensor:
         x = x + self.attn(self.input_norm(x), batch, kv_cache, cos_sin)
         h = self.post_attn_norm(x)
-        return x + (self.mlp(h, batch.positions) if self.moe else self.mlp(h))
+        return x + (self.mlp(h, batch.positions, batch.mode) if self.moe else self.mlp(h))
 
 
 class DeepseekV3:

@@ -87,10 +87,10 @@ class MoE:
             return grouped_mlp_masked(tokens.hidden, tokens.tokens_per_expert, self.w13, self.w2)
         return grouped_mlp_contiguous(tokens.hidden, tokens.tokens_per_expert, self.w13, self.w2)
 
-    def __call__(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """x: `[T, H]`, positions: `[T]` -> `[T, H]`."""
+    def __call__(self, x: torch.Tensor, positions: torch.Tensor, mode: str = "prefill") -> torch.Tensor:
+        """x: `[T, H]`, positions: `[T]`; mode: the step's job-wide mode, for the dispatcher -> `[T, H]`."""
         ids, weights = self.route(x, positions)
-        tokens, handle = self.dispatcher.dispatch(x, ids, weights)
+        tokens, handle = self.dispatcher.dispatch(x, ids, weights, mode)
         out = self.dispatcher.combine(self.experts(tokens), handle)
         if self.shared is not None:
             out = out + self.shared(x)

@@ -21,6 +21,8 @@ import torch
 
 from engine.errors import WideepError
 
+StepMode = Literal["prefill", "decode"]
+
 
 @dataclass
 class DispatchedTokens:
@@ -89,8 +91,14 @@ class Dispatcher(ABC):
     num_local_slots: int
 
     @abstractmethod
-    def dispatch_start(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> Any:
-        """Begin sending; returns an opaque pending object for `dispatch_wait`."""
+    def dispatch_start(
+        self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, mode: StepMode = "prefill"
+    ) -> Any:
+        """Begin sending; returns an opaque pending object for `dispatch_wait`.
+
+        mode: the step's job-wide mode (`ForwardBatch.mode`); backends with separate prefill and decode kernels
+        (DeepEP normal / low-latency) choose by it, the same on every rank.
+        """
 
     @abstractmethod
     def dispatch_wait(self, pending: Any) -> tuple[DispatchedTokens, Any]:
@@ -104,8 +112,8 @@ class Dispatcher(ABC):
     def combine_wait(self, pending: Any) -> torch.Tensor:
         """Finish the combine; returns `[T, H]`, the weighted sum of each token's expert outputs."""
 
-    def dispatch(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor):
-        return self.dispatch_wait(self.dispatch_start(x, topk_ids, topk_weights))
+    def dispatch(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, mode: StepMode = "prefill"):
+        return self.dispatch_wait(self.dispatch_start(x, topk_ids, topk_weights, mode))
 
     def combine(self, y: torch.Tensor, handle: Any) -> torch.Tensor:
         return self.combine_wait(self.combine_start(y, handle))
@@ -142,7 +150,7 @@ class LocalDispatcher(Dispatcher):
     def __init__(self, num_local_slots: int, **_: Any) -> None:
         self.num_local_slots = num_local_slots
 
-    def dispatch_start(self, x, topk_ids, topk_weights):
+    def dispatch_start(self, x, topk_ids, topk_weights, mode="prefill"):
         token_index, counts, row = group_by_slot(topk_ids, self.num_local_slots)
         tokens = DispatchedTokens("contiguous", x[token_index], counts)
         return tokens, RowMap(row, topk_weights.float())

@@ -134,8 +134,11 @@ class TorchAllToAllDispatcher(Dispatcher):
 
     # ---- dispatch -----------------------------------------------------------------------------------------------
 
-    def dispatch_start(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> _DispatchPending:
+    def dispatch_start(
+        self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, mode: str = "prefill"
+    ) -> _DispatchPending:
         """x: `[T, H]` self.dtype; topk_ids: `[T, K]` int64 physical slots, -1 = none; topk_weights: `[T, K]` float32.
+        mode: ignored; the same exchange serves prefill and decode steps.
 
         Exchanges counts (blocking: the one host synchronisation of the dispatch), then posts the row and metadata
         exchanges; returns the pending exchange for `dispatch_wait`.
