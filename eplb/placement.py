@@ -94,3 +94,14 @@ def map_static(placement: ExpertPlacement, layer: int, topk_ids: torch.Tensor, t
     counts = placement.logcnt[layer][topk_ids]  # [T, K]
     replica = (token_key.unsqueeze(1) + torch.arange(topk_ids.shape[1], device=topk_ids.device)) % counts
     return placement.log2phy[layer][topk_ids, replica]
+
+
+def map_random(placement: ExpertPlacement, layer: int, topk_ids: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Logical -> physical ids, each (token, k) pair choosing one of its expert's replicas at random.
+
+    topk_ids: `[T, K]` int64 logical ids on the placement's device; generator on that device.
+    Returns `[T, K]` int64 physical slot ids.
+    """
+    counts = placement.logcnt[layer][topk_ids]
+    draw = torch.randint(0, 1 << 30, topk_ids.shape, generator=generator, device=topk_ids.device)
+    return placement.log2phy[layer][topk_ids, draw % counts]
