@@ -1,0 +1,261 @@
+"""MoE grouped GEMM and the expert MLP over dispatched tokens: Triton launchers (references in kernels/moe.py).
+
+- `grouped_gemm(a, b, counts, layout, ...)`: per-expert `A_e @ B_e^T`, bf16 or block-scaled FP8, in the two layouts
+  the dispatchers produce (contiguous: rows grouped by expert; masked: `[E, max_m, K]` plus counts). Neither reads the
+  counts on the host, so both can be captured in a CUDA graph. Reference: `kernels.moe.grouped_gemm_ref`.
+- `grouped_mlp(...)`: gate_up GEMM -> SiLU-and-mul (fused with the FP8 quantization of its output) -> down GEMM,
+  on Triton for CUDA tensors and the torch reference elsewhere. What `engine.moe.MoE.experts` calls.
+- `TileConfig` / `pick_tile`: block shapes per shape class (rows per expert), measured on an H100
+  (scripts/bench_kernels.py --tune).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Literal
+
+import torch
+
+from kernels.act_quant import act_quant, silu_mul, silu_mul_quant
+from kernels.checks import FP8, HALF, check_counts, check_same_device, check_shape, check_tensor, require
+from kernels.fp8 import ACT_GROUP, dequantize_act
+from kernels.moe import grouped_mlp_ref
+from kernels.triton import ensure_runnable, interpreting
+
+Layout = Literal["contiguous", "masked"]
+BACKENDS = ("auto", "triton", "torch")
+_LAYOUT_CODE = {"dense": 0, "contiguous": 1, "masked": 2}  # kernels.triton.gemm's LAYOUT
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    """One program computes a `block_m x block_n` output tile, stepping K by `block_k`; `group_m` row tiles share a
+    column sweep (L2 reuse); `num_stages` loads in flight (software pipelining); `num_warps` per program.
+    tma: fetch A and B tiles with Hopper's bulk copy engine (when the strides allow; pointers otherwise).
+    defer: FP8 only, scale a K step's product after issuing the next one (see kernels/triton/gemm.py)."""
+
+    block_m: int
+    block_n: int
+    block_k: int
+    group_m: int = 8
+    num_warps: int = 4
+    num_stages: int = 4
+    tma: bool = False
+    defer: bool = False
+
+
+# (largest rows per expert, config), first match wins. Small row counts are weight-bandwidth bound: short row tiles,
+# narrow column tiles for many programs, deep pipelines. Large ones are tensor-core bound: 128-row tiles. FP8 keeps
+# block_n <= 128 (one weight scale per K step) and block_k = 128 (one activation scale per row per K step).
+_FP8_TILES: tuple[tuple[int, TileConfig], ...] = (
+    (16, TileConfig(16, 64, 128, num_warps=4, num_stages=5)),
+    (32, TileConfig(32, 64, 128, num_warps=4, num_stages=5)),
+    (64, TileConfig(64, 64, 128, num_warps=4, num_stages=4)),
+    (256, TileConfig(64, 128, 128, num_warps=4, num_stages=4)),
+    (1 << 62, TileConfig(128, 128, 128, num_warps=8, num_stages=4)),
+)
+_HALF_TILES: tuple[tuple[int, TileConfig], ...] = (
+    (16, TileConfig(16, 64, 128, num_warps=4, num_stages=5)),
+    (32, TileConfig(32, 64, 128, num_warps=4, num_stages=4)),
+    (64, TileConfig(64, 64, 64, num_warps=4, num_stages=4)),
+    (256, TileConfig(64, 128, 64, num_warps=4, num_stages=4)),
+    (1 << 62, TileConfig(128, 256, 64, num_warps=8, num_stages=3)),
+)
+
+
+def pick_tile(fp8: bool, rows_per_expert: int, n: int, k: int) -> TileConfig:
+    """The tile for a GEMM whose experts have about `rows_per_expert` rows each, N output columns and depth K."""
+    for limit, cfg in _FP8_TILES if fp8 else _HALF_TILES:
+        if rows_per_expert <= limit:
+            break
+    if not fp8 and k < cfg.block_k:  # tiny K (toy models): do not pad every K step to a wide block
+        cfg = replace(cfg, block_k=max(16, 1 << (k - 1).bit_length()))
+    return cfg
+
+
+def _descriptor(t: torch.Tensor, block: tuple[int, int]):
+    """A 2-D bulk-copy descriptor over `t` viewed as `[rows, K]`, or None where the copy engine cannot address it
+    (it needs 16-byte aligned base and row stride)."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    flat = t.reshape(-1, t.shape[-1]) if t.dim() == 3 and t.is_contiguous() else t
+    if flat.dim() != 2 or flat.shape[0] == 0 or flat.data_ptr() % 16 or (flat.stride(0) * flat.element_size()) % 16:
+        return None
+    return TensorDescriptor(flat, list(flat.shape), list(flat.stride()), list(block))
+
+
+def run_gemm(
+    layout: str, a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, *, counts: torch.Tensor | None = None,
+    a_scale: torch.Tensor | None = None, b_scale: torch.Tensor | None = None, config: TileConfig,
+    expected_m: int | None = None,
+) -> torch.Tensor:
+    """Launch the GEMM mainloop on already-checked arguments (see `grouped_gemm`, `kernels.fp8_gemm.fp8_gemm`).
+
+    layout "dense": a `[M, K]`, b `[N, K]`, out `[M, N]`; "contiguous": a `[M, K]`, b `[E, N, K]`, out `[M, N]`;
+    "masked": a `[E, max_m, K]`, b `[E, N, K]`, out `[E, max_m, N]`. expected_m (masked): rows per expert to size
+    the grid for; each program then walks its row tiles, so any count up to max_m is still covered.
+    """
+    from kernels.triton.gemm import gemm_kernel
+
+    ensure_runnable(a.device)
+    fp8 = a_scale is not None
+    n, k = b.shape[-2], b.shape[-1]
+    rows = a.shape[-2]
+    grouped = layout != "dense"
+    num_experts = b.shape[0] if grouped else 1
+    masked = layout == "masked"
+    cfg = config
+    if fp8:
+        require(cfg.block_k == ACT_GROUP and ACT_GROUP % cfg.block_n == 0,
+                f"FP8 tiles need block_k == 128 and block_n dividing 128, got {cfg}")
+    num_n = -(-n // cfg.block_n)
+    row_tiles = -(-rows // cfg.block_m)
+    m_slots = row_tiles
+    if masked:
+        if expected_m is not None:
+            m_slots = max(1, min(row_tiles, -(-expected_m // cfg.block_m)))
+        programs = num_experts * m_slots * num_n
+    elif grouped:
+        programs = (row_tiles + num_experts) * num_n
+    else:
+        programs = row_tiles * num_n
+    if programs == 0 or out.numel() == 0:
+        return out
+    a_src, b_src = a, b
+    if cfg.tma:
+        a_desc = _descriptor(a, (cfg.block_m, cfg.block_k))
+        b_desc = _descriptor(b, (cfg.block_n, cfg.block_k))
+        if a_desc is not None and b_desc is not None:
+            a_src, b_src = a_desc, b_desc
+
+    def lead(t: torch.Tensor | None, three_d: bool) -> tuple[int, int]:
+        """(stride of the expert dim, stride of the row dim); the expert stride is 0 where there is none."""
+        if t is None:
+            return 0, 0
+        return (t.stride(0), t.stride(1)) if three_d else (0, t.stride(0))
+
+    a_strides = lead(a, masked)
+    as_strides = (*lead(a_scale, masked), a_scale.stride(-1)) if fp8 else (0, 0, 0)
+    b_strides = lead(b, grouped)
+    bs_strides = ((b_scale.stride(0) if grouped else 0), b_scale.stride(-2), b_scale.stride(-1)) if fp8 else (0, 0, 0)
+    c_strides = lead(out, masked)
+    gemm_kernel[(programs,)](
+        a_src, a_scale, b_src, b_scale, out, counts,
+        num_experts, rows, m_slots, n, k,
+        *a_strides, *as_strides, *b_strides, *bs_strides, *c_strides,
+        LAYOUT=_LAYOUT_CODE[layout], FP8=fp8, BLOCK_E=max(16, 1 << (num_experts - 1).bit_length()),
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
+        EVEN_K=k % cfg.block_k == 0, WIDEN=a.dtype == torch.bfloat16 and interpreting(),
+        TMA=a_src is not a, DEFER=fp8 and cfg.defer, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return out
+
+
+def _rows_per_expert(layout: Layout, a: torch.Tensor, num_experts: int, expected_m: int | None) -> int:
+    if expected_m is not None:
+        return expected_m
+    if layout == "masked":
+        return a.shape[1]
+    return -(-a.shape[0] // max(num_experts, 1))
+
+
+def grouped_gemm(
+    a: torch.Tensor, b: torch.Tensor, counts: torch.Tensor, layout: Layout, *,
+    a_scale: torch.Tensor | None = None, b_scale: torch.Tensor | None = None,
+    expected_m: int | None = None, out: torch.Tensor | None = None, config: TileConfig | None = None,
+) -> torch.Tensor:
+    """Per-expert `C_e = A_e @ B_e^T` with fp32 accumulation, in Triton. Reference: `kernels.moe.grouped_gemm_ref`.
+
+    a: contiguous `[M, K]`, expert e's `counts[e]` rows after those of experts < e; or masked `[E, max_m, K]`, the
+       first `counts[e]` rows of expert e valid. bf16/fp16, or e4m3 with a_scale.
+    b: `[E, N, K]`, a's dtype (e4m3 with b_scale).
+    counts: `[E]` int32/int64 on a's device; read only on the device (no host sync).
+    a_scale: `[..., ceil(K/128)]` float32, per row per 128 columns, any strides (rows-fastest reads best).
+    b_scale: `[E, ceil(N/128), ceil(K/128)]` float32, per 128x128 block.
+    expected_m: typical rows per expert, to pick tiles (default: M/E contiguous, max_m masked; see `pick_tile`) and,
+       masked, to size the grid (each program walks several row tiles when an expert has more rows than that).
+    out: optional output; config: optional `TileConfig` overriding `pick_tile`.
+    Returns `[M, N]` or `[E, max_m, N]`, bf16 for FP8 else a's dtype; masked rows past `counts[e]` are not written.
+    """
+    require(layout in ("contiguous", "masked"), f"layout must be 'contiguous' or 'masked', got {layout!r}")
+    masked = layout == "masked"
+    fp8 = a_scale is not None or b_scale is not None
+    require(a_scale is not None and b_scale is not None or not fp8, "FP8 needs both a_scale and b_scale")
+    dtypes = (FP8,) if fp8 else HALF
+    check_tensor(a, "a", dims=3 if masked else 2, dtypes=dtypes)
+    check_tensor(b, "b", dims=3, dtypes=(a.dtype,))
+    num_experts, n, k = b.shape
+    require(a.shape[-1] == k, f"a has K = {a.shape[-1]} columns but b is `[E, N, K]` with K = {k}")
+    if masked:
+        require(a.shape[0] == num_experts, f"masked a has {a.shape[0]} experts, b has {num_experts}")
+    check_counts(counts, "counts", num_experts)
+    if fp8:
+        groups_k, groups_n = -(-k // ACT_GROUP), -(-n // ACT_GROUP)
+        check_tensor(a_scale, "a_scale", dims=a.dim(), dtypes=(torch.float32,), last_contiguous=False)
+        check_shape(a_scale, "a_scale", (*a.shape[:-1], groups_k))
+        check_tensor(b_scale, "b_scale", dims=3, dtypes=(torch.float32,), last_contiguous=False)
+        check_shape(b_scale, "b_scale", (num_experts, groups_n, groups_k))
+    out_dtype = torch.bfloat16 if fp8 else a.dtype
+    shape = (*a.shape[:-1], n)
+    if out is None:
+        out = torch.empty(shape, dtype=out_dtype, device=a.device)
+    else:
+        check_tensor(out, "out", dims=len(shape), dtypes=(out_dtype,))
+        check_shape(out, "out", shape)
+    check_same_device({"a": a, "b": b, "counts": counts, "a_scale": a_scale, "b_scale": b_scale, "out": out})
+    cfg = config or pick_tile(fp8, _rows_per_expert(layout, a, num_experts, expected_m), n, k)
+    return run_gemm(layout, a, b, out, counts=counts, a_scale=a_scale, b_scale=b_scale, config=cfg,
+                    expected_m=expected_m)
+
+
+def _triton_supports(x: torch.Tensor, w13: torch.Tensor, fp8: bool) -> bool:
+    return x.is_cuda and (w13.dtype == FP8 if fp8 else w13.dtype in HALF)
+
+
+def grouped_mlp(
+    tokens_hidden: torch.Tensor, tokens_per_expert: torch.Tensor, layout: Layout,
+    w13: torch.Tensor, w2: torch.Tensor, *,
+    w13_scale: torch.Tensor | None = None, w2_scale: torch.Tensor | None = None,
+    hidden_scale: torch.Tensor | None = None, expected_m: int | None = None, backend: str = "auto",
+) -> torch.Tensor:
+    """Expert MLPs `down_e(silu(gate_e(x)) * up_e(x))` over dispatched tokens, answering in the same layout.
+
+    tokens_hidden: contiguous `[N, H]` (rows grouped by expert) or masked `[E, max_m, H]`; bf16/fp16, or e4m3
+      with hidden_scale `[..., H/128]` float32 (an FP8 dispatch).
+    tokens_per_expert: `[E]` int32/int64 on the tokens' device (masked: valid rows per expert).
+    w13: `[E, 2I, H]` (gate rows, then up rows), w2: `[E, H, I]`; bf16/fp16, or e4m3 with w13_scale
+      `[E, 2I/128, H/128]` and w2_scale `[E, H/128, I/128]` float32 (the checkpoint's `weight_scale_inv` blocks).
+    expected_m: typical rows per expert, to pick tiles (masked decode: the batch's mean rows per expert).
+    backend: "triton", "torch" (the reference, `kernels.moe.grouped_mlp_ref`), or "auto": Triton for CUDA tensors
+      with bf16/fp16/e4m3 weights, the reference otherwise (so CPU results are the reference's).
+    Returns `[N, H]` or `[E, max_m, H]`: bf16 for FP8 weights, else the weights' dtype. Masked rows past
+    `tokens_per_expert[e]` are zero from the reference and left unwritten by Triton: read only the valid rows.
+    """
+    require(backend in BACKENDS, f"backend must be one of {BACKENDS}, got {backend!r}")
+    require(layout in ("contiguous", "masked"), f"layout must be 'contiguous' or 'masked', got {layout!r}")
+    fp8 = w13_scale is not None
+    require((w2_scale is not None) == fp8, "FP8 experts need both w13_scale and w2_scale")
+    if backend == "auto":
+        backend = "triton" if _triton_supports(tokens_hidden, w13, fp8) else "torch"
+    if backend == "torch":
+        return grouped_mlp_ref(tokens_hidden, tokens_per_expert, layout, w13, w2, w13_scale=w13_scale,
+                               w2_scale=w2_scale, hidden_scale=hidden_scale, expected_m=expected_m)
+    check_tensor(w13, "w13", dims=3, dtypes=(FP8,) if fp8 else HALF)
+    check_tensor(w2, "w2", dims=3, dtypes=(w13.dtype,))
+    e, two_i, h = w13.shape
+    require(two_i % 2 == 0, f"w13 holds gate rows then up rows: its dim 1 must be even, got {tuple(w13.shape)}")
+    check_shape(w2, "w2", (e, h, two_i // 2))
+    masked_m = tokens_per_expert if layout == "masked" else None
+    gemm = dict(expected_m=expected_m)
+    if hidden_scale is not None and not fp8:
+        tokens_hidden = dequantize_act(tokens_hidden, hidden_scale, w13.dtype)
+    if fp8:
+        if hidden_scale is None:
+            x_q, x_s = act_quant(tokens_hidden, masked_m=masked_m)
+        else:
+            x_q, x_s = tokens_hidden, hidden_scale
+        gate_up = grouped_gemm(x_q, w13, tokens_per_expert, layout, a_scale=x_s, b_scale=w13_scale, **gemm)
+        act_q, act_s = silu_mul_quant(gate_up, masked_m=masked_m)
+        return grouped_gemm(act_q, w2, tokens_per_expert, layout, a_scale=act_s, b_scale=w2_scale, **gemm)
+    gate_up = grouped_gemm(tokens_hidden, w13, tokens_per_expert, layout, **gemm)
+    return grouped_gemm(silu_mul(gate_up, masked_m=masked_m), w2, tokens_per_expert, layout, **gemm)

@@ -1,0 +1,43 @@
+"""`@triton.jit` bodies only; their launchers (shape, dtype and contiguity checks) live one level up, e.g.
+
+- `activation` (launched by kernels/act_quant.py): SiLU-and-mul and per-token 1x128 FP8 quantization, fused or apart.
+- `gemm` (kernels/grouped_gemm.py, kernels/fp8_gemm.py): one GEMM mainloop, bf16 or block-scaled FP8, over dense,
+  contiguous-grouped or masked-grouped rows.
+
+Triton decides when a body is decorated whether it is compiled or interpreted (`TRITON_INTERPRET=1`), and it
+decorates its own standard library (`tl.sum`, `tl.cumsum`, ...) when `triton` is first imported. A process without
+a GPU that runs these kernels must therefore set `TRITON_INTERPRET=1` before anything imports `triton`. The
+launchers import these modules only when they launch, so code that only uses the torch references never imports
+`triton`; `ensure_runnable` says plainly what is wrong when a CPU tensor reaches a compiled kernel.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+
+def interpreting() -> bool:
+    """True when Triton kernels run under its CPU interpreter (`TRITON_INTERPRET=1` before `triton` was imported)."""
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+def ensure_runnable(device: torch.device) -> None:
+    """Raise if Triton cannot run on `device`: CUDA always can; CPU tensors only under the interpreter."""
+    if device.type == "cuda":
+        return
+    if device.type == "cpu" and interpreting():
+        import triton.language as tl
+        from triton.runtime.interpreter import InterpretedFunction
+
+        if not isinstance(tl.cumsum, InterpretedFunction):
+            raise RuntimeError(
+                "TRITON_INTERPRET=1 was set after triton was first imported, so Triton's own library is compiled and "
+                "cannot run on the CPU; set it in the environment (or before any import of triton)"
+            )
+        return
+    raise RuntimeError(
+        f"Triton kernels need CUDA tensors, got {device}; on a CPU use backend='torch' (the reference), or set "
+        "TRITON_INTERPRET=1 before triton is first imported to run them under Triton's interpreter"
+    )
