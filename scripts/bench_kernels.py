@@ -131,6 +131,21 @@ _TUNE_BF16 = _tiles(
 _TUNE_ROWS = (16, 64, 256, 1024, 4096)
 
 
+def kernel_resources() -> list[str]:
+    """Registers and spills of every compiled GEMM variant (from Triton's in-process cache), for the tuning notes."""
+    from kernels.triton.gemm import gemm_kernel
+
+    lines = []
+    for entry in getattr(gemm_kernel, "device_caches", {}).values():
+        cache = entry[0] if isinstance(entry, tuple) else entry
+        for key, kern in getattr(cache, "items", lambda: [])():
+            consts = {k: v for k, v in getattr(kern, "src", None).constants.items()} if hasattr(kern, "src") else key
+            lines.append(f"  regs {getattr(kern, 'n_regs', '?')} spills {getattr(kern, 'n_spills', '?')} "
+                         f"warps {kern.metadata.num_warps} stages {kern.metadata.num_stages} shared "
+                         f"{getattr(kern.metadata, 'shared', '?')} {str(consts)[-260:]}")
+    return lines
+
+
 def tune(device, quick: bool) -> list[dict]:
     rows = []
     e = 8
@@ -161,6 +176,10 @@ def tune(device, quick: bool) -> list[dict]:
             del x, xq, xs
         del w16, w8, ws
         torch.cuda.empty_cache()
+    try:
+        print("compiled GEMM variants:\n" + "\n".join(kernel_resources()), flush=True)
+    except Exception as exc:  # noqa: BLE001 - Triton's cache layout differs between versions; this is only a note
+        print(f"compiled GEMM variants: not readable ({type(exc).__name__}: {exc})")
     return rows
 
 
