@@ -7,10 +7,12 @@ One process with the local dispatcher creates no process group at all.
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass
+import sys
+from dataclasses import dataclass, field
 
 import torch
 
+import parallel.deepep  # noqa: F401 - registers the "deepep" dispatcher (DeepEP itself is imported only when used)
 from engine.build import ModelSource, build_model, pick_device
 from engine.config import ModelConfig
 from engine.errors import WideepError
@@ -30,6 +32,7 @@ class EngineParallel:
     sync: StepSync
     state: ParallelState | None = None
     watchdog: Watchdog | None = None
+    dispatchers: list[Dispatcher] = field(default_factory=list)  # built here, closed in `close`
 
     @property
     def rank(self) -> int:
@@ -57,10 +60,20 @@ class EngineParallel:
 
     def dispatcher(self, cfg: ModelConfig, placement: ExpertPlacement, dtype: torch.dtype) -> Dispatcher:
         slots = placement.slots_per_rank(self.world_size)
-        return make_dispatcher(self.config.a2a_backend, state=self.state, num_local_slots=slots,
-                               hidden_size=cfg.hidden_size, dtype=dtype, deepep_mode=self.config.deepep_mode)
+        c = self.config
+        dispatcher = make_dispatcher(c.a2a_backend, state=self.state, num_local_slots=slots,
+                                     hidden_size=cfg.hidden_size, dtype=dtype, deepep_mode=c.deepep_mode,
+                                     max_dispatch_tokens_per_rank=c.deepep_max_dispatch_tokens_per_rank,
+                                     fp8_dispatch=c.deepep_fp8_dispatch)
+        self.dispatchers.append(dispatcher)
+        return dispatcher
 
     def close(self) -> None:
+        # DeepEP frees its buffers with a barrier across ranks. While an error unwinds, the other ranks may never
+        # reach that barrier, so then the buffers are left to the process's exit.
+        if sys.exc_info()[0] is None:
+            for dispatcher in self.dispatchers:
+                getattr(dispatcher, "close", lambda: None)()
         if self.watchdog is not None:
             self.watchdog.stop()
         if self.state is not None:

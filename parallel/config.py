@@ -15,11 +15,13 @@ from parallel.launch import parse_dist_init_addr
 A2A_BACKENDS = ("local", "torch", "deepep")
 DEEPEP_MODES = ("auto", "normal", "low_latency")
 DEFAULT_DIST_TIMEOUT_S = 300.0
+DEFAULT_DEEPEP_MAX_DISPATCH_TOKENS_PER_RANK = 128  # SGLang's default
 
 
 def add_parallel_args(parser: argparse.ArgumentParser) -> None:
     """Add `--tp-size --dp-size --ep-size --enable-dp-attention --nnodes --node-rank --dist-init-addr
-    --dist-timeout --moe-a2a-backend --deepep-mode` in an argument group of their own."""
+    --dist-timeout --moe-a2a-backend --deepep-mode --deepep-max-dispatch-tokens-per-rank --deepep-fp8-dispatch`
+    in an argument group of their own."""
     g = parser.add_argument_group("parallelism")
     g.add_argument("--tp-size", type=int, default=None,
                    help="GPUs serving the model, as in SGLang; wideep runs DP attention, so it equals --ep-size")
@@ -39,6 +41,12 @@ def add_parallel_args(parser: argparse.ArgumentParser) -> None:
                    help="token dispatcher (default: local for one rank, torch otherwise)")
     g.add_argument("--deepep-mode", choices=DEEPEP_MODES, default="auto",
                    help="DeepEP kernels: normal (prefill), low_latency (decode), auto (per step)")
+    g.add_argument("--deepep-max-dispatch-tokens-per-rank", type=int, metavar="N",
+                   default=DEFAULT_DEEPEP_MAX_DISPATCH_TOKENS_PER_RANK,
+                   help="tokens a rank may send in one DeepEP low-latency step; sizes its buffers, the same on every "
+                        f"rank (default {DEFAULT_DEEPEP_MAX_DISPATCH_TOKENS_PER_RANK})")
+    g.add_argument("--deepep-fp8-dispatch", action=argparse.BooleanOptionalAction, default=True,
+                   help="DeepEP dispatch sends tokens as FP8 with one scale per 128 channels (default on)")
 
 
 @dataclass(frozen=True)
@@ -59,6 +67,8 @@ class ParallelConfig:
     dist_timeout: float = DEFAULT_DIST_TIMEOUT_S
     moe_a2a_backend: str | None = None
     deepep_mode: str = "auto"
+    deepep_max_dispatch_tokens_per_rank: int = DEFAULT_DEEPEP_MAX_DISPATCH_TOKENS_PER_RANK
+    deepep_fp8_dispatch: bool = True
 
     def __post_init__(self) -> None:
         if self.ep_size < 1:
@@ -84,6 +94,9 @@ class ParallelConfig:
                               f"{self.ep_size} use torch or deepep")
         if self.deepep_mode not in DEEPEP_MODES:
             raise WideepError(f"--deepep-mode {self.deepep_mode!r}: choose one of {', '.join(DEEPEP_MODES)}")
+        if self.deepep_max_dispatch_tokens_per_rank < 1:
+            raise WideepError(f"--deepep-max-dispatch-tokens-per-rank {self.deepep_max_dispatch_tokens_per_rank} "
+                              "must be at least 1")
         if self.dist_init_addr is not None:
             parse_dist_init_addr(self.dist_init_addr)
 
@@ -105,4 +118,6 @@ class ParallelConfig:
             enable_dp_attention=args.enable_dp_attention, nnodes=args.nnodes, node_rank=args.node_rank,
             dist_init_addr=args.dist_init_addr, dist_timeout=args.dist_timeout,
             moe_a2a_backend=args.moe_a2a_backend, deepep_mode=args.deepep_mode,
+            deepep_max_dispatch_tokens_per_rank=args.deepep_max_dispatch_tokens_per_rank,
+            deepep_fp8_dispatch=args.deepep_fp8_dispatch,
         )
