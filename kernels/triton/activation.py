@@ -8,9 +8,9 @@ tiles past an expert's count exit at once, so nothing reads or writes rows that 
 import triton
 import triton.language as tl
 
-E4M3_MAX: tl.constexpr = 448.0
+E4M3_MAX = tl.constexpr(448.0)
 # An all-zero group gets this amax, so its scale stays finite and its values quantize to 0.
-AMAX_FLOOR: tl.constexpr = 1e-12
+AMAX_FLOOR = tl.constexpr(1e-12)
 
 
 @triton.jit

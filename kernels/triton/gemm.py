@@ -19,17 +19,17 @@ the tensor cores' reduced-precision fp8 accumulation never spans more than one s
 step's product before scaling the current one, so the tensor cores can work while the scaling runs.
 
 TMA: A and B arrive as host-made tensor descriptors (2-D: A `[rows, K]`, B `[E * N, K]`) and tiles are fetched by
-Hopper's bulk copy engine, zero-filled past the edges; otherwise through pointers, with rows past an expert's count
-and columns past N clamped onto valid ones so that every load is a full unmasked tile. Either way the extra rows
-and columns are computed but never stored.
+Hopper's bulk copy engine, zero-filled past the edges; otherwise through pointers (cp.async), with rows past an
+expert's count and columns past N clamped onto valid ones so that every load is a full unmasked tile. Either way
+the extra rows and columns are computed but never stored.
 """
 
 import triton
 import triton.language as tl
 
-DENSE: tl.constexpr = 0
-CONTIGUOUS: tl.constexpr = 1
-MASKED: tl.constexpr = 2
+DENSE = tl.constexpr(0)
+CONTIGUOUS = tl.constexpr(1)
+MASKED = tl.constexpr(2)
 
 
 @triton.jit
@@ -47,17 +47,17 @@ def _tile_of(tile, num_m, num_n, GROUP_M: tl.constexpr):
 @triton.jit
 def _load_step(a_src, b_src, a_ptrs, b_ptrs, a_row, b_row, kb, K,
                BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, TMA: tl.constexpr):
-    """The A `[BLOCK_M, BLOCK_K]` and B `[BLOCK_N, BLOCK_K]` tiles of K step kb."""
+    """The A `[BLOCK_M, BLOCK_K]` and B `[BLOCK_N, BLOCK_K]` tiles of K step kb (pointers already at step kb)."""
     if TMA:
         a = a_src.load([a_row, kb * BLOCK_K])
         b = b_src.load([b_row, kb * BLOCK_K])
     elif EVEN_K:
-        a = tl.load(a_ptrs + kb * BLOCK_K)
-        b = tl.load(b_ptrs + kb * BLOCK_K)
+        a = tl.load(a_ptrs)
+        b = tl.load(b_ptrs)
     else:
         k_ok = tl.arange(0, BLOCK_K) < K - kb * BLOCK_K
-        a = tl.load(a_ptrs + kb * BLOCK_K, mask=k_ok[None, :], other=0.0)
-        b = tl.load(b_ptrs + kb * BLOCK_K, mask=k_ok[None, :], other=0.0)
+        a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
+        b = tl.load(b_ptrs, mask=k_ok[None, :], other=0.0)
     return a, b
 
 
@@ -73,31 +73,41 @@ def _gemm_tile(
 ):
     """C rows `row0 + m0 ...` (of expert e, `count` valid rows) by columns of `tile_n`: the K loop and the store.
 
-    a_row: first A row of the tile in the TMA descriptor's 2-D view.
+    a_row: first A row of the tile in the TMA descriptor's 2-D view. Each operand is addressed as one 64-bit base
+    (expert, first row, first column) plus 32-bit offsets within the tile, which keeps the per-element address
+    arithmetic (and registers) small.
     """
-    offs_m = m0 + tl.arange(0, BLOCK_M)
-    offs_n = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    a_rows = (row0 + tl.minimum(offs_m, count - 1)).to(tl.int64)
-    a_row = a_row.to(tl.int32)  # bulk-copy coordinates are 32-bit
-    b_row = (e * N + tile_n * BLOCK_N).to(tl.int32)
+    idx_m = tl.arange(0, BLOCK_M)
+    idx_n = tl.arange(0, BLOCK_N)
+    n0 = tile_n * BLOCK_N
+    first = (row0 + m0).to(tl.int64)
+    # Rows past the expert's count and columns past N are clamped onto the tile's valid ones, so pointer loads are
+    # full unmasked tiles; their results are never stored.
+    in_m = tl.minimum(idx_m, count - 1 - m0)
+    in_n = tl.where(n0 + idx_n < N, idx_n, 0)
     a_ptrs = a_src
     b_ptrs = b_src
     if not TMA:
         offs_k = tl.arange(0, BLOCK_K)
-        a_ptrs = a_src + e * stride_ae + a_rows[:, None] * stride_am + offs_k[None, :]
-        b_ptrs = b_src + e * stride_be + (offs_n % N).to(tl.int64)[:, None] * stride_bn + offs_k[None, :]
+        a_ptrs = a_src + e * stride_ae + first * stride_am + (in_m[:, None] * stride_am + offs_k[None, :])
+        b_ptrs = b_src + e * stride_be + n0.to(tl.int64) * stride_bn + (in_n[:, None] * stride_bn + offs_k[None, :])
+    a_row = a_row.to(tl.int32)  # bulk-copy coordinates are 32-bit
+    b_row = (e * N + n0).to(tl.int32)
     num_k = tl.cdiv(K, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if FP8:
         tl.static_assert(BLOCK_K == 128, "FP8 scales cover 128 columns of K: BLOCK_K must be 128")
         tl.static_assert(128 % BLOCK_N == 0, "one B scale per program and K step: BLOCK_N must divide 128")
-        a_scale_ptrs = a_scale_ptr + e * stride_ase + a_rows * stride_asm
-        b_scale_ptr = b_scale_ptr + e * stride_bse + ((tile_n * BLOCK_N) // 128) * stride_bsn
+        a_scale_ptrs = a_scale_ptr + e * stride_ase + first * stride_asm + in_m * stride_asm
+        b_scale_ptr = b_scale_ptr + e * stride_bse + (n0 // 128) * stride_bsn
         if DEFER:
             a, b = _load_step(a_src, b_src, a_ptrs, b_ptrs, a_row, b_row, 0, K, BLOCK_K, EVEN_K, TMA)
             part = tl.dot(a, tl.trans(b))
             scale = tl.load(a_scale_ptrs) * tl.load(b_scale_ptr)
             for kb in range(1, num_k):
+                if not TMA:
+                    a_ptrs += BLOCK_K
+                    b_ptrs += BLOCK_K
                 a, b = _load_step(a_src, b_src, a_ptrs, b_ptrs, a_row, b_row, kb, K, BLOCK_K, EVEN_K, TMA)
                 following = tl.dot(a, tl.trans(b))
                 acc += part * scale[:, None]
@@ -109,6 +119,9 @@ def _gemm_tile(
                 a, b = _load_step(a_src, b_src, a_ptrs, b_ptrs, a_row, b_row, kb, K, BLOCK_K, EVEN_K, TMA)
                 scale = tl.load(a_scale_ptrs + kb * stride_ask) * tl.load(b_scale_ptr + kb * stride_bsk)
                 acc += tl.dot(a, tl.trans(b)) * scale[:, None]
+                if not TMA:
+                    a_ptrs += BLOCK_K
+                    b_ptrs += BLOCK_K
     else:
         for kb in range(0, num_k):
             a, b = _load_step(a_src, b_src, a_ptrs, b_ptrs, a_row, b_row, kb, K, BLOCK_K, EVEN_K, TMA)
@@ -116,9 +129,12 @@ def _gemm_tile(
                 acc = tl.dot(a.to(tl.float32), tl.trans(b.to(tl.float32)), acc)
             else:
                 acc = tl.dot(a, tl.trans(b), acc)
-    c_rows = (row0 + offs_m).to(tl.int64)
-    c_ptrs = c_ptr + e * stride_ce + c_rows[:, None] * stride_cm + offs_n[None, :]
-    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=(offs_m < count)[:, None] & (offs_n < N)[None, :])
+            if not TMA:
+                a_ptrs += BLOCK_K
+                b_ptrs += BLOCK_K
+    c_ptrs = c_ptr + e * stride_ce + first * stride_cm + n0 + (idx_m[:, None] * stride_cm + idx_n[None, :])
+    c_ok = (m0 + idx_m < count)[:, None] & (n0 + idx_n < N)[None, :]
+    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=c_ok)
 
 
 @triton.jit
