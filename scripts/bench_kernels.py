@@ -401,6 +401,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--json", type=Path, help="write every row (and the ceilings) here as JSON lines")
     p.add_argument("--tune", action="store_true", help="first time candidate tiles per shape class")
+    p.add_argument("--sections", default="grouped,masked,act,dense,mla",
+                   help="comma-separated subset of grouped,masked,act,dense,mla to run (default: all)")
     p.add_argument("--quick", action="store_true", help="fewer shapes and shorter timings (a smoke run)")
     p.add_argument("--budget-s", type=float, help="start no new timing after this many seconds (report the rest n/a)")
     args = p.parse_args(argv)
@@ -426,6 +428,7 @@ def main(argv: list[str] | None = None) -> int:
     sections = []
     if args.tune:
         rows += tune(device, args.quick)
+    wanted = set(args.sections.split(",")) if args.sections else set()
     for name, fn in (
         ("grouped", lambda: bench_contiguous(device, peaks, EXPERTS[1:2] if args.quick else EXPERTS,
                                              (16, 512) if args.quick else ROWS, args.quick)),
@@ -433,6 +436,8 @@ def main(argv: list[str] | None = None) -> int:
         ("act", lambda: bench_act(device, peaks, args.quick)),
         ("dense", lambda: bench_dense(device, peaks, args.quick)),
     ):
+        if name not in wanted:
+            continue
         try:
             part = fn()
         except Exception:  # noqa: BLE001 - one broken section must not hide the others
@@ -441,10 +446,11 @@ def main(argv: list[str] | None = None) -> int:
         rows += part
         sections.append((name, part))
     mla_rows, mla_table = [], ""
-    try:
-        mla_rows, mla_table = bench_mla("cuda")
-    except Exception:  # noqa: BLE001
-        traceback.print_exc()
+    if "mla" in wanted:
+        try:
+            mla_rows, mla_table = bench_mla("cuda")
+        except Exception:  # noqa: BLE001
+            traceback.print_exc()
     rows += mla_rows
     print()
     print(header)
