@@ -128,11 +128,12 @@ def refine(
     label_load: torch.Tensor, cnt: torch.Tensor, ids: torch.Tensor, bin_of: torch.Tensor, num_bins: int,
     max_rounds: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Local search over both the packing and the replica counts, until neither kind of move lowers the hottest.
+    """Local search over both the packing and the replica counts, until no move helps or `max_rounds` pass.
 
     label_load: `[R, M]` float64 load of each label; cnt: `[R, M]` int64 replicas (<= num_bins each);
-    ids, bin_of: `[R, N]` int64. Alternates `refine_swaps` with single moves that hand one slot from an expert
-    with spare replicas to another (see `_retarget`). Returns improved copies of cnt, ids and bin_of.
+    ids, bin_of: `[R, N]` int64. Each round runs `refine_swaps`, `balance_pairs` and `refine_swaps` again, then
+    one move per row that hands a slot from an expert with spare replicas to another (see `_retarget`); rows
+    where that move finds nothing are done. Returns improved copies of cnt, ids and bin_of.
     """
     cnt, ids, bin_of = cnt.clone(), ids.clone(), bin_of.clone()
     active = torch.arange(label_load.shape[0])
