@@ -15,12 +15,16 @@ from engine.batch import ForwardBatch
 from engine.config import ModelConfig
 from engine.layers import Linear, RMSNorm, take
 from engine.rope import RotaryEmbedding
-from kernels.mla import mla_decode_torch, mla_extend_torch
+from kernels.attention_backend import AttentionBackend, TorchAttention
+from kernels.mla import mla_extend_torch
 
 
 class MLAttention:
-    def __init__(self, cfg: ModelConfig, weights: Mapping[str, torch.Tensor], layer: int, rope: RotaryEmbedding):
+    def __init__(self, cfg: ModelConfig, weights: Mapping[str, torch.Tensor], layer: int, rope: RotaryEmbedding,
+                 backend: AttentionBackend | None = None):
+        """backend: decode attention over the latent cache (`kernels.attention_backend`; default: the reference)."""
         p = f"model.layers.{layer}.self_attn"
+        self.backend = backend or TorchAttention(torch.device("cpu"))
         self.heads = cfg.num_attention_heads
         self.nope, self.rope_dim, self.v_dim = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
         self.rank = cfg.kv_lora_rank
@@ -63,7 +67,7 @@ class MLAttention:
     def _decode(self, q_nope, q_rope, batch: ForwardBatch, kv_cache: torch.Tensor) -> torch.Tensor:
         """Absorbed form: `[B, heads, nope]` queries -> `[B, heads, v]`."""
         q_latent = torch.einsum("bhn,hnr->bhr", q_nope, self.w_uk)
-        o_latent = mla_decode_torch(q_latent, q_rope, kv_cache, batch.page_table, batch.seq_lens, self.scale)
+        o_latent = self.backend.decode(q_latent, q_rope, kv_cache, batch.page_table, batch.seq_lens, self.scale)
         return torch.einsum("bhr,hvr->bhv", o_latent, self.w_uv)
 
     def _extend(self, q_nope, q_rope, batch: ForwardBatch, kv_cache: torch.Tensor) -> torch.Tensor:

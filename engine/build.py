@@ -71,8 +71,10 @@ def build_model(
     dispatcher: Dispatcher | None = None,
     seed: int = 0,
     progress: bool = True,
+    attention_backend: str = "auto",
 ) -> DeepseekV3:
-    """Reads (or makes up, for `load_format="dummy"`) this rank's weights and builds the model on `device`."""
+    """Reads (or makes up, for `load_format="dummy"`) this rank's weights and builds the model on `device`;
+    decode attention runs through `attention_backend` (`--attention-backend`)."""
     cfg = source.cfg
     placement = placement or ExpertPlacement.trivial(len(cfg.moe_layers), cfg.n_routed_experts)
     slots = placement.slots_per_rank(ep_size)
@@ -95,4 +97,4 @@ def build_model(
     log.info("building %s: %d layers, %d of %d experts on this rank, %s %s", source.name, cfg.num_hidden_layers,
              len(experts), cfg.n_routed_experts, device, str(dtype).removeprefix("torch."))
     return DeepseekV3(cfg, weights, device=device, placement=placement, ep_rank=ep_rank, ep_size=ep_size,
-                      dispatcher=dispatcher)
+                      dispatcher=dispatcher, attention_backend=attention_backend)

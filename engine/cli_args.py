@@ -22,6 +22,8 @@ def add_model_args(parser: argparse.ArgumentParser, default_model: str | None = 
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="compute dtype (auto: bfloat16 on GPU, float32 on CPU)")
     g.add_argument("--seed", type=int, default=0, help="seed for dummy weights, datasets and sampling")
+    g.add_argument("--attention-backend", default="auto", choices=["auto", "flashinfer", "triton", "torch"],
+                   help="MLA decode attention (auto: flashinfer when importable on GPU, else triton; torch on CPU)")
     g.add_argument("--max-running-requests", type=int, default=64, help="requests decoded together")
     g.add_argument("--max-prefill-tokens", type=int, default=8192, help="prompt tokens per prefill forward")
     g.add_argument("--ep-num-redundant-experts", type=int, default=0,

@@ -90,4 +90,4 @@ def build_parallel_model(args: argparse.Namespace, source: ModelSource, par: Eng
     slots_per_rank(cfg.n_routed_experts, args.ep_num_redundant_experts, par.world_size)
     return build_model(source, load_format=args.load_format, device=par.device, dtype=dtype, placement=placement,
                        ep_rank=par.rank, ep_size=par.world_size, dispatcher=par.dispatcher(cfg, placement, dtype),
-                       seed=args.seed, progress=par.is_main)
+                       seed=args.seed, progress=par.is_main, attention_backend=args.attention_backend)

@@ -19,14 +19,16 @@ from engine.layers import MLP, RMSNorm, take
 from engine.moe import MoE
 from engine.rope import RotaryEmbedding
 from eplb.placement import ExpertPlacement
+from kernels.attention_backend import AttentionBackend, create_attention_backend
 from parallel.dispatcher import Dispatcher, LocalDispatcher
 
 
 class DecoderLayer:
-    def __init__(self, cfg: ModelConfig, weights, layer: int, rope: RotaryEmbedding, moe_args: dict):
+    def __init__(self, cfg: ModelConfig, weights, layer: int, rope: RotaryEmbedding, moe_args: dict,
+                 attn_backend: AttentionBackend):
         p = f"model.layers.{layer}"
         self.input_norm = RMSNorm(take(weights, p + ".input_layernorm.weight"), cfg.rms_norm_eps)
-        self.attn = MLAttention(cfg, weights, layer, rope)
+        self.attn = MLAttention(cfg, weights, layer, rope, attn_backend)
         self.post_attn_norm = RMSNorm(take(weights, p + ".post_attention_layernorm.weight"), cfg.rms_norm_eps)
         self.moe = cfg.is_moe_layer(layer)
         self.mlp = MoE(cfg, weights, layer, **moe_args) if self.moe else MLP(weights, p + ".mlp")
@@ -42,7 +44,8 @@ class DeepseekV3:
 
     placement: which logical expert fills each physical slot (trivial: slot = expert); rank `ep_rank` of `ep_size`
     holds slots `[ep_rank * P/ep_size, (ep_rank + 1) * P/ep_size)`. `weights` must hold those experts; tensors are
-    consumed from it as layers are built.
+    consumed from it as layers are built. attention_backend: decode attention by name (`kernels.attention_backend`:
+    auto, flashinfer, triton, torch; auto is the torch reference on the CPU).
     """
 
     def __init__(
@@ -55,6 +58,7 @@ class DeepseekV3:
         ep_rank: int = 0,
         ep_size: int = 1,
         dispatcher: Dispatcher | None = None,
+        attention_backend: str = "auto",
     ) -> None:
         self.cfg = cfg
         self.device = torch.device(device)
@@ -66,7 +70,11 @@ class DeepseekV3:
         self.rope = rope = RotaryEmbedding(cfg, self.device)
         moe_args = dict(placement=self.placement.to_device(self.device), ep_rank=ep_rank, ep_size=ep_size,
                         dispatcher=self.dispatcher)
-        self.layers = [DecoderLayer(cfg, weights, i, rope, moe_args) for i in range(cfg.num_hidden_layers)]
+        self.attention_backend = create_attention_backend(
+            attention_backend, device=self.device, dtype=self.dtype, kv_lora_rank=cfg.kv_lora_rank,
+            rope_dim=cfg.qk_rope_head_dim)
+        self.layers = [DecoderLayer(cfg, weights, i, rope, moe_args, self.attention_backend)
+                       for i in range(cfg.num_hidden_layers)]
         self.norm = RMSNorm(take(weights, "model.norm.weight"), cfg.rms_norm_eps)
         self.lm_head = self.embed if cfg.tie_word_embeddings else take(weights, "lm_head.weight")
 
@@ -78,7 +86,9 @@ class DeepseekV3:
             for value in vars(obj).values():
                 if isinstance(value, torch.Tensor):
                     seen[value.data_ptr()] = value.numel() * value.element_size()
-                elif hasattr(value, "__dict__") and not isinstance(value, (Dispatcher, ExpertPlacement, type)):
+                elif hasattr(value, "__dict__") and not isinstance(
+                    value, (Dispatcher, ExpertPlacement, AttentionBackend, type)  # scratch buffers are no weights
+                ):
                     visit(value)
                 elif isinstance(value, list):
                     for item in value:

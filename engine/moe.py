@@ -15,7 +15,7 @@ from engine.config import ModelConfig
 from engine.layers import MLP, take
 from eplb.placement import ExpertPlacement, map_static
 from kernels.moe import grouped_mlp_contiguous, grouped_mlp_masked
-from kernels.router import grouped_topk
+from kernels.router import route
 from parallel.dispatcher import Dispatcher
 
 
@@ -75,8 +75,9 @@ class MoE:
         """x: `[T, H]` -> (physical slot ids `[T, K]` int64, weights `[T, K]` float32)."""
         c = self.cfg
         logits = F.linear(x.float(), self.gate)
-        ids, weights = grouped_topk(logits, self.bias, c.num_experts_per_tok, c.n_group, c.topk_group,
-                                    c.routed_scaling_factor, c.norm_topk_prob)
+        # One fused Triton kernel on GPUs, the torch reference on the CPU.
+        ids, weights = route(logits, self.bias, c.num_experts_per_tok, c.n_group, c.topk_group,
+                             c.routed_scaling_factor, c.norm_topk_prob, backend="auto")
         if self.redundant:
             ids = map_static(self.placement, self.moe_index, ids, positions)
         return ids, weights

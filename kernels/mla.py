@@ -36,6 +36,13 @@ def mla_decode_torch(
     return torch.einsum("bhs,bsr->bhr", probs, kv[..., :r].float()).to(q_latent.dtype)
 
 
+def pages_to_slots(page_table: torch.Tensor, page_size: int) -> torch.Tensor:
+    """Paged table to per-token slots: page_table `[B, max_pages]` page ids (token t of a sequence lives in slot
+    `page_table[b, t // page_size] * page_size + t % page_size`) -> `[B, max_pages * page_size]` int64 slots."""
+    within = torch.arange(page_size, device=page_table.device)
+    return (page_table.long()[:, :, None] * page_size + within).flatten(1)
+
+
 def mla_extend_torch(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_len: int, scale: float
 ) -> torch.Tensor:

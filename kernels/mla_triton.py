@@ -1,0 +1,148 @@
+"""Launcher of our Triton MLA decode kernel (`kernels/triton/mla_decode.py`): split-KV attention of one new token per
+sequence over the paged latent cache, with the interface of the reference `kernels.mla.mla_decode_torch` plus a
+page size."""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+
+import torch
+import triton
+
+from kernels.triton import mla_decode as mla_jit
+
+
+@dataclass(frozen=True)
+class MLADecodeConfig:
+    """Tiling of the split kernel. block_h: query heads per program (they share every latent row loaded);
+    block_n: tokens per inner step; num_splits: KV splits per sequence (None: enough programs to fill the GPU).
+
+    The default serves 64 heads per program with two warpgroups: on Hopper both products run on wgmma, each
+    warpgroup accumulating half of the 512 latent columns (128 fp32 registers a thread), and each latent row is
+    read twice for 128 heads (the second time mostly from L2). Three stages let the page-table loads run a block
+    ahead of the row gathers they feed; two 64-token buffers (72 KB each, beside 72 KB of queries) fill shared
+    memory. `python scripts/bench_mla.py --sweep` times the alternatives.
+    """
+
+    block_h: int = 64
+    block_n: int = 64
+    num_warps: int = 8
+    num_stages: int = 3
+    num_splits: int | None = None
+
+
+@functools.cache
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 8  # the interpreter: any small number exercises the split path
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def default_config(dtype: torch.dtype) -> MLADecodeConfig:
+    """The tiling for this input dtype (float32 tiles are twice the bytes, so they are halved)."""
+    if dtype == torch.float32:
+        return MLADecodeConfig(block_h=16, block_n=16, num_warps=4, num_stages=1)
+    return MLADecodeConfig()
+
+
+def pick_num_splits(batch: int, head_blocks: int, max_tokens: int, block_n: int, num_sms: int) -> int:
+    """KV splits per sequence: as many as keep every multiprocessor busy with the whole grid in about one wave,
+    never a split shorter than 4 blocks of tokens; 1 when the batch alone fills the GPU (then no combine pass)."""
+    programs = batch * head_blocks
+    longest = max(1, math.ceil(max_tokens / (4 * block_n)))
+    return max(1, min(num_sms // max(programs, 1), longest))
+
+
+def mla_decode_triton(
+    q_latent: torch.Tensor,
+    q_rope: torch.Tensor,
+    kv_cache: torch.Tensor,
+    page_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+    *,
+    page_size: int = 1,
+    config: MLADecodeConfig | None = None,
+) -> torch.Tensor:
+    """One new token per sequence attends to its whole cached sequence (itself included).
+
+    q_latent: `[B, H, r]` (q_nope times W_UK); q_rope: `[B, H, d_r]`, both with unit stride on the last dim;
+    kv_cache: `[num_pages * page_size, r + d_r]` (latent, then rotated key), unit stride on the last dim, q's dtype;
+    page_table: `[B, max_pages]` int32/int64 page ids of each sequence in order (with page_size 1: cache slots;
+    entries past the sequence's last page are never read); seq_lens: `[B]` int32/int64, each in
+    `[1, max_pages * page_size]` (not checked: that would sync with the device). A sequence of length 0 gets zeros.
+    Returns `[B, H, r]` in q_latent's dtype (softmax and accumulation in float32).
+    """
+    if q_latent.dim() != 3 or q_rope.dim() != 3 or q_latent.shape[:2] != q_rope.shape[:2]:
+        raise ValueError(f"q_latent [B, H, r] and q_rope [B, H, d_r] disagree: {tuple(q_latent.shape)}, "
+                         f"{tuple(q_rope.shape)}")
+    b, h, r = q_latent.shape
+    d_r = q_rope.shape[2]
+    if kv_cache.dim() != 2 or kv_cache.shape[1] != r + d_r:
+        raise ValueError(f"kv_cache: want [slots, {r + d_r}] (r + d_r), got {tuple(kv_cache.shape)}")
+    if not (q_latent.dtype == q_rope.dtype == kv_cache.dtype):
+        raise ValueError(f"dtypes differ: q_latent {q_latent.dtype}, q_rope {q_rope.dtype}, kv_cache {kv_cache.dtype}")
+    if q_latent.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        raise ValueError(f"dtype {q_latent.dtype}: want bfloat16, float16 or float32")
+    for name, x in (("q_latent", q_latent), ("q_rope", q_rope), ("kv_cache", kv_cache)):
+        if x.stride(-1) != 1:
+            raise ValueError(f"{name} needs unit stride on its last dim, got strides {x.stride()}")
+    if page_table.dim() != 2 or page_table.shape[0] != b or page_table.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"page_table: want [{b}, max_pages] int32/int64, got {tuple(page_table.shape)} "
+                         f"{page_table.dtype}")
+    if seq_lens.shape != (b,) or seq_lens.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"seq_lens: want [{b}] int32/int64, got {tuple(seq_lens.shape)} {seq_lens.dtype}")
+    devices = {x.device for x in (q_latent, q_rope, kv_cache, page_table, seq_lens)}
+    if len(devices) != 1:
+        raise ValueError(f"all inputs must be on one device, got {sorted(map(str, devices))}")
+    if page_size < 1:
+        raise ValueError(f"page_size {page_size} must be >= 1")
+
+    out = torch.empty_like(q_latent)
+    if b == 0 or h == 0:
+        return out
+    cfg = config or default_config(q_latent.dtype)
+    head_blocks = triton.cdiv(h, cfg.block_h)
+    max_tokens = page_table.shape[1] * page_size
+    splits = cfg.num_splits or pick_num_splits(b, head_blocks, max_tokens, cfg.block_n, _num_sms(q_latent.device))
+    splits = max(1, min(splits, triton.cdiv(max(max_tokens, 1), cfg.block_n)))
+    split_len = triton.cdiv(triton.cdiv(max(max_tokens, 1), splits), cfg.block_n) * cfg.block_n
+    final = splits == 1
+    if final:
+        partial, lse = out, out  # lse is not touched when FINAL
+        stride_partial = (out.stride(0), out.stride(1), 0)
+        stride_lse = (0, 0)
+    else:
+        partial = torch.empty(b, h, splits, r, dtype=torch.float32, device=q_latent.device)
+        lse = torch.empty(b, h, splits, dtype=torch.float32, device=q_latent.device)
+        stride_partial = partial.stride()[:3]
+        stride_lse = lse.stride()[:2]
+
+    block_r, block_dr = max(16, triton.next_power_of_2(r)), max(16, triton.next_power_of_2(d_r))
+    mla_jit.mla_decode_split_kernel[(head_blocks, b, splits)](
+        q_latent, q_rope, kv_cache, page_table, seq_lens, partial, lse,
+        q_latent.stride(0), q_latent.stride(1),
+        q_rope.stride(0), q_rope.stride(1),
+        kv_cache.stride(0),
+        page_table.stride(0),
+        *stride_partial,
+        *stride_lse,
+        h, split_len, scale * math.log2(math.e),
+        RANK=r, ROPE_DIM=d_r, PAGE_SIZE=page_size,
+        BLOCK_H=cfg.block_h, BLOCK_N=cfg.block_n, BLOCK_R=block_r, BLOCK_DR=block_dr,
+        FINAL=final, DOT_PRECISION="ieee" if q_latent.dtype == torch.float32 else "tf32",
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    if not final:
+        mla_jit.mla_decode_combine_kernel[(h, b)](
+            partial, lse, out,
+            *partial.stride()[:3],
+            *lse.stride()[:2],
+            out.stride(0), out.stride(1),
+            splits,
+            RANK=r, BLOCK_S=triton.next_power_of_2(splits), BLOCK_R=block_r,
+            num_warps=4,
+        )
+    return out
