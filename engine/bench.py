@@ -137,9 +137,9 @@ def main(argv: list[str] | None = None) -> int:
 def run_bench(args: argparse.Namespace, source: ModelSource, par: EngineParallel) -> int:
     device = par.device
     dtype = pick_dtype(args.dtype, device)
-    model = build_parallel_model(args, source, par, dtype)
+    model, eplb = build_parallel_model(args, source, par, dtype)
     runner = Runner(model, RunnerConfig(args.max_running_requests, args.max_prefill_tokens, args.seed + par.rank),
-                    sync=par.sync)
+                    sync=par.sync, on_step_end=eplb.on_step_end)
     vocab = source.cfg.vocab_size
     if args.warmup_requests:
         warm = random_requests(argparse.Namespace(**{**vars(args), "num_prompts": args.warmup_requests,
@@ -148,6 +148,7 @@ def run_bench(args: argparse.Namespace, source: ModelSource, par: EngineParallel
     # Every rank draws the same prompts and takes every world_size-th one (DP attention, round robin).
     requests = random_requests(args, vocab, args.seed)[par.rank :: par.world_size]
     runner.stats = StepStats()
+    eplb.recorder.reset()  # the warm-up's load is not the benchmark's
     total_out = sum(r.params.max_new_tokens for r in requests)
     sync(device)
     par.sync.barrier()
@@ -167,6 +168,7 @@ def run_bench(args: argparse.Namespace, source: ModelSource, par: EngineParallel
         "weight_bytes": model.weight_bytes(),
         "peak_memory": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0,
     }
+    eplb.dump()
     ranks = par.sync.gather(mine)
     if not par.is_main:
         return 0
@@ -206,6 +208,9 @@ def run_bench(args: argparse.Namespace, source: ModelSource, par: EngineParallel
         "moe_a2a_backend": par.config.a2a_backend,
         "deepep_mode": par.config.deepep_mode,
         "ep_num_redundant_experts": args.ep_num_redundant_experts,
+        "eplb_rebalances": [
+            {"step": r.step, "seconds": r.seconds, "balancedness_before": r.balancedness_before,
+             "balancedness_after": r.balancedness_after} for r in eplb.reports],
         "seed": args.seed,
         "device": device_name(device),
         "num_gpus": world if device.type == "cuda" else 0,

@@ -72,6 +72,7 @@ def build_model(
     seed: int = 0,
     progress: bool = True,
     attention_backend: str = "auto",
+    dispatch_algorithm: str = "static",
 ) -> DeepseekV3:
     """Reads (or makes up, for `load_format="dummy"`) this rank's weights and builds the model on `device`;
     decode attention runs through `attention_backend` (`--attention-backend`)."""
@@ -97,4 +98,5 @@ def build_model(
     log.info("building %s: %d layers, %d of %d experts on this rank, %s %s", source.name, cfg.num_hidden_layers,
              len(experts), cfg.n_routed_experts, device, str(dtype).removeprefix("torch."))
     return DeepseekV3(cfg, weights, device=device, placement=placement, ep_rank=ep_rank, ep_size=ep_size,
-                      dispatcher=dispatcher, attention_backend=attention_backend)
+                      dispatcher=dispatcher, attention_backend=attention_backend,
+                      dispatch_algorithm=dispatch_algorithm)

@@ -6,6 +6,7 @@ import argparse
 import logging
 import sys
 
+from eplb.manager import add_eplb_args
 from parallel.config import add_parallel_args
 
 
@@ -26,9 +27,8 @@ def add_model_args(parser: argparse.ArgumentParser, default_model: str | None = 
                    help="MLA decode attention (auto: flashinfer when importable on GPU, else triton; torch on CPU)")
     g.add_argument("--max-running-requests", type=int, default=64, help="requests decoded together")
     g.add_argument("--max-prefill-tokens", type=int, default=8192, help="prompt tokens per prefill forward")
-    g.add_argument("--ep-num-redundant-experts", type=int, default=0,
-                   help="extra expert slots holding replicas (experts + this must divide by --ep-size)")
     add_parallel_args(parser)
+    add_eplb_args(parser)
 
 
 def setup_logging(rank: int = 0, verbose: bool = False) -> None:

@@ -17,6 +17,7 @@ from engine.build import ModelSource, build_model, pick_device
 from engine.config import ModelConfig
 from engine.errors import WideepError
 from engine.model import DeepseekV3
+from eplb.manager import EplbConfig, EplbManager, initial_placement
 from eplb.placement import ExpertPlacement
 from parallel.config import ParallelConfig
 from parallel.dispatcher import Dispatcher, make_dispatcher
@@ -73,21 +74,42 @@ class EngineParallel:
         # reach that barrier, so then the buffers are left to the process's exit.
         if sys.exc_info()[0] is None:
             for dispatcher in self.dispatchers:
-                getattr(dispatcher, "close", lambda: None)()
+                dispatcher.close()
         if self.watchdog is not None:
             self.watchdog.stop()
         if self.state is not None:
             destroy_parallel(self.state)
 
 
+def check_step_token_limits(config: ParallelConfig, max_running: int, max_prefill: int) -> None:
+    """DeepEP's low-latency kernels take at most `--deepep-max-dispatch-tokens-per-rank` tokens per rank. A step over
+    it fails on that rank alone while the others wait, so the limits are checked here, on every rank, at start."""
+    if config.a2a_backend != "deepep" or config.deepep_mode == "normal":
+        return
+    limit = config.deepep_max_dispatch_tokens_per_rank
+    if max_running > limit:
+        raise WideepError(f"--max-running-requests {max_running} exceeds --deepep-max-dispatch-tokens-per-rank "
+                          f"{limit}: a decode step would send more tokens than DeepEP's low-latency buffers hold; "
+                          "raise the DeepEP limit or lower --max-running-requests")
+    if config.deepep_mode == "low_latency" and max_prefill > limit:
+        raise WideepError(f"--deepep-mode low_latency runs prefill steps through the low-latency kernels too: "
+                          f"--max-prefill-tokens {max_prefill} exceeds --deepep-max-dispatch-tokens-per-rank "
+                          f"{limit}; lower --max-prefill-tokens or use --deepep-mode auto")
+
+
 def build_parallel_model(args: argparse.Namespace, source: ModelSource, par: EngineParallel,
-                         dtype: torch.dtype) -> DeepseekV3:
-    """This rank's model: its share of the expert slots (trivial placement plus `--ep-num-redundant-experts`) and
-    the dispatcher of `--moe-a2a-backend`."""
+                         dtype: torch.dtype) -> tuple[DeepseekV3, EplbManager]:
+    """This rank's model (its share of the expert slots under the initial placement, the dispatcher of
+    `--moe-a2a-backend`) and the EPLB manager that records its load and rebalances it."""
     cfg = source.cfg
-    placement = ExpertPlacement.trivial(len(cfg.moe_layers), cfg.n_routed_experts,
-                                        cfg.n_routed_experts + args.ep_num_redundant_experts)
-    slots_per_rank(cfg.n_routed_experts, args.ep_num_redundant_experts, par.world_size)
-    return build_model(source, load_format=args.load_format, device=par.device, dtype=dtype, placement=placement,
-                       ep_rank=par.rank, ep_size=par.world_size, dispatcher=par.dispatcher(cfg, placement, dtype),
-                       seed=args.seed, progress=par.is_main, attention_backend=args.attention_backend)
+    check_step_token_limits(par.config, args.max_running_requests, args.max_prefill_tokens)
+    eplb = EplbConfig.from_args(args)
+    slots_per_rank(cfg.n_routed_experts, eplb.num_redundant, par.world_size)
+    nnodes = par.state.nnodes if par.state else 1
+    placement = initial_placement(eplb, cfg, par.world_size, nnodes)
+    model = build_model(source, load_format=args.load_format, device=par.device, dtype=dtype, placement=placement,
+                        ep_rank=par.rank, ep_size=par.world_size, dispatcher=par.dispatcher(cfg, placement, dtype),
+                        seed=args.seed, progress=par.is_main, attention_backend=args.attention_backend,
+                        dispatch_algorithm=eplb.dispatch_algorithm)
+    group = par.state.group if par.state else None
+    return model, EplbManager(model, eplb, rank=par.rank, world=par.world_size, nnodes=nnodes, group=group)

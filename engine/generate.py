@@ -112,12 +112,14 @@ def main(argv: list[str] | None = None) -> int:
     par = EngineParallel.start(args)
     try:
         setup_logging(par.rank)
-        model = build_parallel_model(args, source, par, pick_dtype(args.dtype, par.device))
+        model, eplb = build_parallel_model(args, source, par, pick_dtype(args.dtype, par.device))
         # DP attention: prompt i runs on rank i mod world (prompt 0, whose logits --logits-out wants, on rank 0).
         mine = [Request(i, ids, params) for i, ids in enumerate(prompts) if i % par.world_size == par.rank]
         runner = Runner(model, RunnerConfig(args.max_running_requests, args.max_prefill_tokens,
-                                            args.seed + par.rank), sync=par.sync)
+                                            args.seed + par.rank), sync=par.sync,
+                        on_step_end=eplb.on_step_end)
         runner.generate(mine, prompt_logits=bool(args.logits_out))
+        eplb.dump()
         gathered = par.sync.gather([(r.rid, r.output_ids) for r in mine])
         if par.is_main:
             if args.logits_out:

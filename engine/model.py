@@ -59,6 +59,7 @@ class DeepseekV3:
         ep_size: int = 1,
         dispatcher: Dispatcher | None = None,
         attention_backend: str = "auto",
+        dispatch_algorithm: str = "static",
     ) -> None:
         self.cfg = cfg
         self.device = torch.device(device)
@@ -69,7 +70,7 @@ class DeepseekV3:
         self.dtype = self.embed.dtype
         self.rope = rope = RotaryEmbedding(cfg, self.device)
         moe_args = dict(placement=self.placement.to_device(self.device), ep_rank=ep_rank, ep_size=ep_size,
-                        dispatcher=self.dispatcher)
+                        dispatcher=self.dispatcher, dispatch_algorithm=dispatch_algorithm)
         self.attention_backend = create_attention_backend(
             attention_backend, device=self.device, dtype=self.dtype, kv_lora_rank=cfg.kv_lora_rank,
             rope_dim=cfg.qk_rope_head_dim)
@@ -77,6 +78,17 @@ class DeepseekV3:
                        for i in range(cfg.num_hidden_layers)]
         self.norm = RMSNorm(take(weights, "model.norm.weight"), cfg.rms_norm_eps)
         self.lm_head = self.embed if cfg.tie_word_embeddings else take(weights, "lm_head.weight")
+
+    def moe_layers(self) -> list[MoE]:
+        """The MoE layers in order (index i is MoE layer i of the placement)."""
+        return [layer.mlp for layer in self.layers if layer.moe]
+
+    def set_placement(self, placement: ExpertPlacement) -> None:
+        """Switches routing to `placement`, once the expert weights have been moved to match it."""
+        self.placement = placement
+        on_device = placement.to_device(self.device)
+        for layer in self.moe_layers():
+            layer.set_placement(on_device)
 
     def weight_bytes(self) -> int:
         """Bytes of all weight tensors this rank holds (shared tensors counted once)."""

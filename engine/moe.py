@@ -13,9 +13,10 @@ import torch.nn.functional as F
 
 from engine.config import ModelConfig
 from engine.layers import MLP, take
-from eplb.placement import ExpertPlacement, map_static
-from kernels.moe import grouped_mlp_contiguous, grouped_mlp_masked
+from eplb.placement import ExpertPlacement, map_random, map_static
+from kernels.grouped_gemm import grouped_mlp
 from kernels.router import route
+from parallel.deepep_layout import dequantize_tokens
 from parallel.dispatcher import Dispatcher
 
 
@@ -58,6 +59,7 @@ class MoE:
         ep_rank: int,
         ep_size: int,
         dispatcher: Dispatcher,
+        dispatch_algorithm: str = "static",
     ) -> None:
         p = f"model.layers.{layer}.mlp"
         self.cfg = cfg
@@ -65,8 +67,11 @@ class MoE:
         # The router runs in fp32, as the reference model does: selection is sensitive to rounding.
         self.gate = take(weights, p + ".gate.weight").float()
         self.bias = take(weights, p + ".gate.e_score_correction_bias").float()
-        self.placement = placement
-        self.redundant = placement.num_slots != placement.num_experts
+        self.set_placement(placement)
+        self.recorder = None  # an eplb ExpertLoadRecorder counts routed tokens when attached
+        self.dispatch_algorithm = dispatch_algorithm
+        # Seeded alike on every rank and device, so --ep-dispatch-algorithm random is reproducible.
+        self.generator = torch.Generator(device=self.gate.device).manual_seed(1234 + layer)
         self.w13, self.w2 = stack_experts(weights, layer, placement.local_experts(self.moe_index, ep_rank, ep_size))
         self.dispatcher = dispatcher
         self.shared = MLP(weights, p + ".shared_experts") if cfg.n_shared_experts else None
@@ -78,15 +83,30 @@ class MoE:
         # One fused Triton kernel on GPUs, the torch reference on the CPU.
         ids, weights = route(logits, self.bias, c.num_experts_per_tok, c.n_group, c.topk_group,
                              c.routed_scaling_factor, c.norm_topk_prob, backend="auto")
+        if self.recorder is not None:
+            self.recorder.record(self.moe_index, ids)
         if self.redundant:
-            ids = map_static(self.placement, self.moe_index, ids, positions)
+            if self.dispatch_algorithm == "random":
+                ids = map_random(self.placement, self.moe_index, ids, self.generator)
+            else:
+                ids = map_static(self.placement, self.moe_index, ids, positions)
         return ids, weights
+
+    def set_placement(self, placement: ExpertPlacement) -> None:
+        """The (device) placement routing uses from now on; the local slots' weights must already match it."""
+        self.placement = placement
+        self.redundant = placement.num_slots != placement.num_experts
+
+    def expert_tensors(self) -> list[torch.Tensor]:
+        """This rank's expert weights, each `[E_local, ...]`: what a placement change moves between ranks."""
+        return [self.w13, self.w2]
 
     def experts(self, tokens) -> torch.Tensor:
         """Local expert MLPs over `DispatchedTokens`, answering in the same layout."""
-        if tokens.layout == "masked":
-            return grouped_mlp_masked(tokens.hidden, tokens.tokens_per_expert, self.w13, self.w2)
-        return grouped_mlp_contiguous(tokens.hidden, tokens.tokens_per_expert, self.w13, self.w2)
+        if tokens.scales is not None:  # FP8 dispatch (DeepEP): the bf16 expert weights take dequantized rows
+            tokens = dequantize_tokens(tokens, self.w13.dtype)
+        # Triton grouped GEMMs on CUDA tensors; elsewhere the torch reference (grouped_mlp_contiguous / _masked).
+        return grouped_mlp(tokens.hidden, tokens.tokens_per_expert, tokens.layout, self.w13, self.w2)
 
     def __call__(self, x: torch.Tensor, positions: torch.Tensor, mode: str = "prefill") -> torch.Tensor:
         """x: `[T, H]`, positions: `[T]`; mode: the step's job-wide mode, for the dispatcher -> `[T, H]`."""

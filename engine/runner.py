@@ -97,10 +97,14 @@ def _prefill_groups(reqs: list[Request], budget: int) -> Iterator[list[Request]]
 class Runner:
     """Runs requests to completion on one model; `on_step(num_new_tokens)` reports progress."""
 
-    def __init__(self, model: DeepseekV3, config: RunnerConfig = RunnerConfig(), sync: StepSync | None = None):
+    def __init__(self, model: DeepseekV3, config: RunnerConfig = RunnerConfig(), sync: StepSync | None = None,
+                 on_step_end: Callable[[int], None] | None = None):
+        """on_step_end(step): called on every rank after every step, idle ones too, with the job-wide step index
+        (EPLB records and rebalances there: a boundary every rank reaches together)."""
         self.model = model
         self.config = config
         self.sync = sync or LocalStepSync()
+        self.on_step_end = on_step_end
         self.eos = model.cfg.eos_token_id
         self.generator = torch.Generator(device=model.device).manual_seed(config.seed)
         self.stats = StepStats()
@@ -138,6 +142,9 @@ class Runner:
             mode = "prefill" if prefill else "decode"
             with self.sync.guard(self._step, f"{mode} forward"):
                 self._run(step, mode, prompt_logits, on_step)
+            if self.on_step_end is not None:
+                with self.sync.guard(self._step, "end of step (expert load, rebalance)"):
+                    self.on_step_end(self._step)
             self._step += 1
         return requests
 

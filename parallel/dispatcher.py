@@ -112,6 +112,9 @@ class Dispatcher(ABC):
     def combine_wait(self, pending: Any) -> torch.Tensor:
         """Finish the combine; returns `[T, H]`, the weighted sum of each token's expert outputs."""
 
+    def close(self) -> None:
+        """Frees communication buffers (a collective for backends that own some: every rank calls it)."""
+
     def dispatch(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, mode: StepMode = "prefill"):
         return self.dispatch_wait(self.dispatch_start(x, topk_ids, topk_weights, mode))
 

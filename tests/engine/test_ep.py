@@ -190,3 +190,20 @@ def test_killed_rank_ends_the_run_with_a_message(ckpt):
         assert procs[rank].returncode != 0
         assert re.search(r"rank(\(s\))? 1\b", err) and "step" in err, err[-2000:]
     assert time.monotonic() - start < 40
+
+
+def test_deepep_token_limits_checked_at_start():
+    from engine.distributed import check_step_token_limits
+    from engine.errors import WideepError
+    from parallel.config import ParallelConfig
+
+    def config(mode):
+        return ParallelConfig(ep_size=2, enable_dp_attention=True, moe_a2a_backend="deepep", deepep_mode=mode,
+                              deepep_max_dispatch_tokens_per_rank=128)
+
+    check_step_token_limits(config("auto"), 128, 8192)
+    check_step_token_limits(config("normal"), 4096, 8192)
+    with pytest.raises(WideepError, match="--max-running-requests 200 exceeds --deepep-max-dispatch-tokens"):
+        check_step_token_limits(config("auto"), 200, 8192)
+    with pytest.raises(WideepError, match="--max-prefill-tokens 8192"):
+        check_step_token_limits(config("low_latency"), 64, 8192)
