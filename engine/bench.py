@@ -210,7 +210,9 @@ def run_bench(args: argparse.Namespace, source: ModelSource, par: EngineParallel
         "ep_num_redundant_experts": args.ep_num_redundant_experts,
         "eplb_rebalances": [
             {"step": r.step, "seconds": r.seconds, "balancedness_before": r.balancedness_before,
-             "balancedness_after": r.balancedness_after} for r in eplb.reports],
+             "balancedness_after": r.balancedness_after, "mb_received_rank0": r.bytes_received / 1e6,
+             "mean_layer_ms": 1e3 * sum(r.per_layer_seconds) / max(len(r.per_layer_seconds), 1)}
+            for r in eplb.reports],
         "seed": args.seed,
         "device": device_name(device),
         "num_gpus": world if device.type == "cuda" else 0,
