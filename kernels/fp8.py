@@ -66,7 +66,10 @@ def _quantize_groups(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     k = v.shape[-1]
     groups = -(-k // ACT_GROUP)
     padded = torch.nn.functional.pad(v, (0, groups * ACT_GROUP - k)).unflatten(-1, (groups, ACT_GROUP))
-    scale = padded.abs().amax(-1).clamp(min=_AMAX_FLOOR) / FP8_MAX
+    amax = padded.abs().amax(-1).clamp(min=_AMAX_FLOOR)
+    # A tensor divisor: on CUDA torch divides by a Python scalar through its reciprocal, which can differ from an
+    # IEEE division (what the kernel does) in the last bit.
+    scale = amax / torch.full_like(amax, FP8_MAX)
     q = (padded / scale.unsqueeze(-1)).clamp(-FP8_MAX, FP8_MAX).flatten(-2)[..., :k]
     return q.to(torch.float8_e4m3fn), scale
 

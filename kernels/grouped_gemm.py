@@ -5,8 +5,8 @@
   counts on the host, so both can be captured in a CUDA graph. Reference: `kernels.moe.grouped_gemm_ref`.
 - `grouped_mlp(...)`: gate_up GEMM -> SiLU-and-mul (fused with the FP8 quantization of its output) -> down GEMM,
   on Triton for CUDA tensors and the torch reference elsewhere. What `engine.moe.MoE.experts` calls.
-- `TileConfig` / `pick_tile`: block shapes per shape class (rows per expert), measured on an H100
-  (scripts/bench_kernels.py --tune).
+- `TileConfig` / `pick_tile`: block shapes per shape class (rows per expert), the fastest of
+  `scripts/bench_kernels.py --tune` on an H100 (2026-11-21).
 """
 
 from __future__ import annotations
@@ -31,8 +31,7 @@ _LAYOUT_CODE = {"dense": 0, "contiguous": 1, "masked": 2}  # kernels.triton.gemm
 class TileConfig:
     """One program computes a `block_m x block_n` output tile, stepping K by `block_k`; `group_m` row tiles share a
     column sweep (L2 reuse); `num_stages` loads in flight (software pipelining); `num_warps` per program.
-    tma: fetch A and B tiles with Hopper's bulk copy engine (when the strides allow; pointers otherwise).
-    defer: FP8 only, scale a K step's product after issuing the next one (see kernels/triton/gemm.py)."""
+    tma: fetch A and B tiles with Hopper's bulk copy engine (when the strides allow; pointers otherwise)."""
 
     block_m: int
     block_n: int
@@ -41,25 +40,24 @@ class TileConfig:
     num_warps: int = 4
     num_stages: int = 4
     tma: bool = False
-    defer: bool = False
 
 
-# (largest rows per expert, config), first match wins. Small row counts are weight-bandwidth bound: short row tiles,
-# narrow column tiles for many programs, deep pipelines. Large ones are tensor-core bound: 128-row tiles. FP8 keeps
-# block_n <= 128 (one weight scale per K step) and block_k = 128 (one activation scale per row per K step).
+# (largest rows per expert, config), first match wins; from `scripts/bench_kernels.py --tune` on an H100 at the
+# DeepSeek-V3 expert shapes (8 experts, gate_up N=4096 K=7168 and down N=7168 K=2048). Few rows per expert are
+# weight-bandwidth bound: short row tiles, deep pipelines. Many rows are tensor-core bound: 128-row tiles, loads by
+# the bulk copy engine (up to 25% faster for FP8 there). FP8 keeps block_n <= 128 (one weight scale per K step) and
+# block_k = 128 (one activation scale per row per K step), which bounds its tile at 128x128.
 _FP8_TILES: tuple[tuple[int, TileConfig], ...] = (
-    (16, TileConfig(16, 64, 128, num_warps=4, num_stages=5)),
+    (16, TileConfig(16, 64, 128, num_warps=4, num_stages=5, tma=True)),
     (32, TileConfig(32, 64, 128, num_warps=4, num_stages=5)),
-    (64, TileConfig(64, 64, 128, num_warps=4, num_stages=4)),
-    (256, TileConfig(64, 128, 128, num_warps=4, num_stages=4)),
-    (1 << 62, TileConfig(128, 128, 128, num_warps=8, num_stages=4)),
+    (256, TileConfig(64, 128, 128, num_warps=4, num_stages=4, tma=True)),
+    (1 << 62, TileConfig(128, 128, 128, num_warps=8, num_stages=4, tma=True)),
 )
 _HALF_TILES: tuple[tuple[int, TileConfig], ...] = (
-    (16, TileConfig(16, 64, 128, num_warps=4, num_stages=5)),
+    (16, TileConfig(16, 128, 128, num_warps=4, num_stages=4)),
     (32, TileConfig(32, 64, 128, num_warps=4, num_stages=4)),
-    (64, TileConfig(64, 64, 64, num_warps=4, num_stages=4)),
-    (256, TileConfig(64, 128, 64, num_warps=4, num_stages=4)),
-    (1 << 62, TileConfig(128, 256, 64, num_warps=8, num_stages=3)),
+    (128, TileConfig(64, 256, 64, num_warps=4, num_stages=3)),
+    (1 << 62, TileConfig(128, 256, 64, num_warps=8, num_stages=4, tma=True)),
 )
 
 
@@ -146,16 +144,18 @@ def run_gemm(
         LAYOUT=_LAYOUT_CODE[layout], FP8=fp8, BLOCK_E=max(16, 1 << (num_experts - 1).bit_length()),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
         EVEN_K=k % cfg.block_k == 0, WIDEN=a.dtype == torch.bfloat16 and interpreting(),
-        TMA=a_src is not a, DEFER=fp8 and cfg.defer, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        TMA=a_src is not a, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out
 
 
 def _rows_per_expert(layout: Layout, a: torch.Tensor, num_experts: int, expected_m: int | None) -> int:
+    """The rows per expert to pick a tile for. Masked with an expected count: twice that, so that one row tile still
+    covers the experts that draw more than the mean (a second tile would stream the expert's weights again)."""
+    if layout == "masked":
+        return a.shape[1] if expected_m is None else min(a.shape[1], 2 * expected_m)
     if expected_m is not None:
         return expected_m
-    if layout == "masked":
-        return a.shape[1]
     return -(-a.shape[0] // max(num_experts, 1))
 
 

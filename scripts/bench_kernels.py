@@ -23,6 +23,7 @@ import argparse
 import datetime
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 import time
@@ -112,16 +113,15 @@ def ceilings(device) -> dict:
 # --- tuning -----------------------------------------------------------------------------------------------------
 
 def _tiles(*specs) -> list[TileConfig]:
-    """(block_m, block_n, block_k, num_warps, num_stages[, "tma"][, "defer"]) -> TileConfig."""
-    return [TileConfig(*c[:3], num_warps=c[3], num_stages=c[4], tma="tma" in c[5:], defer="defer" in c[5:])
-            for c in specs]
+    """(block_m, block_n, block_k, num_warps, num_stages[, "tma"]) -> TileConfig."""
+    return [TileConfig(*c[:3], num_warps=c[3], num_stages=c[4], tma="tma" in c[5:]) for c in specs]
 
 
 _TUNE_FP8 = _tiles(
     (16, 64, 128, 4, 4), (16, 64, 128, 4, 6), (16, 64, 128, 4, 5, "tma"), (16, 128, 128, 4, 4), (32, 64, 128, 4, 5),
-    (16, 32, 128, 2, 6), (64, 64, 128, 4, 4), (64, 128, 128, 4, 3), (64, 128, 128, 4, 4), (64, 128, 128, 4, 4, "tma"),
-    (128, 64, 128, 4, 4), (128, 128, 128, 8, 3), (128, 128, 128, 8, 4), (128, 128, 128, 8, 4, "tma"),
-    (128, 128, 128, 8, 3, "tma", "defer"), (128, 128, 128, 8, 4, "defer"), (64, 128, 128, 4, 4, "tma", "defer"),
+    (32, 64, 128, 4, 5, "tma"), (16, 32, 128, 2, 6), (64, 64, 128, 4, 4), (64, 128, 128, 4, 3, "tma"),
+    (64, 128, 128, 4, 4), (64, 128, 128, 4, 4, "tma"), (64, 128, 128, 4, 5, "tma"), (128, 64, 128, 4, 4, "tma"),
+    (128, 128, 128, 8, 3, "tma"), (128, 128, 128, 8, 4), (128, 128, 128, 8, 4, "tma"), (128, 128, 128, 8, 5, "tma"),
 )
 _TUNE_BF16 = _tiles(
     (16, 64, 128, 4, 4), (16, 64, 128, 4, 6), (16, 64, 128, 4, 5, "tma"), (16, 128, 128, 4, 4), (32, 64, 128, 4, 4),
@@ -415,9 +415,10 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                                text=True).stdout.strip() or "unknown"
+                                text=True).stdout.strip()
     except OSError:
-        commit = "unknown"
+        commit = ""
+    commit = commit or os.environ.get("WIDEEP_COMMIT", "unknown")  # a copied tree has no .git
     header = (f"# {torch.cuda.get_device_name()}, {datetime.date.today()}, torch {torch.__version__}, "
               f"triton {__import__('triton').__version__}, commit {commit}")
     print(header, flush=True)

@@ -15,8 +15,7 @@ Row layouts (`LAYOUT`):
 FP8: A and B are e4m3 with fp32 scales, A's per row per 128 columns of K (`a_scale[.., row, k // 128]`), B's per
 128x128 block (`b_scale[e, n // 128, k // 128]`). BLOCK_K is 128, so each K step multiplies one fresh fp32 tile
 product by one scale per row times one scale per program (BLOCK_N divides 128) before adding it to the accumulator;
-the tensor cores' reduced-precision fp8 accumulation never spans more than one scale block. DEFER issues the next
-step's product before scaling the current one, so the tensor cores can work while the scaling runs.
+the tensor cores' reduced-precision fp8 accumulation never spans more than one scale block.
 
 TMA: A and B arrive as host-made tensor descriptors (2-D: A `[rows, K]`, B `[E * N, K]`) and tiles are fetched by
 Hopper's bulk copy engine, zero-filled past the edges; otherwise through pointers (cp.async), with rows past an
@@ -69,7 +68,7 @@ def _gemm_tile(
     stride_be, stride_bn, stride_bse, stride_bsn, stride_bsk,
     stride_ce, stride_cm,
     FP8: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    EVEN_K: tl.constexpr, WIDEN: tl.constexpr, TMA: tl.constexpr, DEFER: tl.constexpr,
+    EVEN_K: tl.constexpr, WIDEN: tl.constexpr, TMA: tl.constexpr,
 ):
     """C rows `row0 + m0 ...` (of expert e, `count` valid rows) by columns of `tile_n`: the K loop and the store.
 
@@ -100,28 +99,13 @@ def _gemm_tile(
         tl.static_assert(128 % BLOCK_N == 0, "one B scale per program and K step: BLOCK_N must divide 128")
         a_scale_ptrs = a_scale_ptr + e * stride_ase + first * stride_asm + in_m * stride_asm
         b_scale_ptr = b_scale_ptr + e * stride_bse + (n0 // 128) * stride_bsn
-        if DEFER:
-            a, b = _load_step(a_src, b_src, a_ptrs, b_ptrs, a_row, b_row, 0, K, BLOCK_K, EVEN_K, TMA)
-            part = tl.dot(a, tl.trans(b))
-            scale = tl.load(a_scale_ptrs) * tl.load(b_scale_ptr)
-            for kb in range(1, num_k):
-                if not TMA:
-                    a_ptrs += BLOCK_K
-                    b_ptrs += BLOCK_K
-                a, b = _load_step(a_src, b_src, a_ptrs, b_ptrs, a_row, b_row, kb, K, BLOCK_K, EVEN_K, TMA)
-                following = tl.dot(a, tl.trans(b))
-                acc += part * scale[:, None]
-                scale = tl.load(a_scale_ptrs + kb * stride_ask) * tl.load(b_scale_ptr + kb * stride_bsk)
-                part = following
-            acc += part * scale[:, None]
-        else:
-            for kb in range(0, num_k):
-                a, b = _load_step(a_src, b_src, a_ptrs, b_ptrs, a_row, b_row, kb, K, BLOCK_K, EVEN_K, TMA)
-                scale = tl.load(a_scale_ptrs + kb * stride_ask) * tl.load(b_scale_ptr + kb * stride_bsk)
-                acc += tl.dot(a, tl.trans(b)) * scale[:, None]
-                if not TMA:
-                    a_ptrs += BLOCK_K
-                    b_ptrs += BLOCK_K
+        for kb in range(0, num_k):
+            a, b = _load_step(a_src, b_src, a_ptrs, b_ptrs, a_row, b_row, kb, K, BLOCK_K, EVEN_K, TMA)
+            scale = tl.load(a_scale_ptrs + kb * stride_ask) * tl.load(b_scale_ptr + kb * stride_bsk)
+            acc += tl.dot(a, tl.trans(b)) * scale[:, None]
+            if not TMA:
+                a_ptrs += BLOCK_K
+                b_ptrs += BLOCK_K
     else:
         for kb in range(0, num_k):
             a, b = _load_step(a_src, b_src, a_ptrs, b_ptrs, a_row, b_row, kb, K, BLOCK_K, EVEN_K, TMA)
@@ -146,7 +130,7 @@ def gemm_kernel(
     stride_ce, stride_cm,
     LAYOUT: tl.constexpr, FP8: tl.constexpr, BLOCK_E: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    EVEN_K: tl.constexpr, WIDEN: tl.constexpr, TMA: tl.constexpr, DEFER: tl.constexpr,
+    EVEN_K: tl.constexpr, WIDEN: tl.constexpr, TMA: tl.constexpr,
 ):
     """C[rows of e] = A[rows of e] @ B[e]^T, fp32 accumulation, C in its own dtype.
 
@@ -168,7 +152,7 @@ def gemm_kernel(
             _gemm_tile(a_src, a_scale_ptr, b_src, b_scale_ptr, c_ptr, e, 0, m0, count, tile_n, e * rows + m0, N, K,
                        stride_ae, stride_am, stride_ase, stride_asm, stride_ask,
                        stride_be, stride_bn, stride_bse, stride_bsn, stride_bsk, stride_ce, stride_cm,
-                       FP8, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, WIDEN, TMA, DEFER)
+                       FP8, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, WIDEN, TMA)
     else:
         if LAYOUT == CONTIGUOUS:
             tile_m, tile_n = _tile_of(pid, tl.cdiv(rows, BLOCK_M) + num_experts, num_n, GROUP_M)
@@ -193,4 +177,4 @@ def gemm_kernel(
             _gemm_tile(a_src, a_scale_ptr, b_src, b_scale_ptr, c_ptr, e, row0, m0, count, tile_n, row0 + m0, N, K,
                        stride_ae, stride_am, stride_ase, stride_asm, stride_ask,
                        stride_be, stride_bn, stride_bse, stride_bsn, stride_bsk, stride_ce, stride_cm,
-                       FP8, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, WIDEN, TMA, DEFER)
+                       FP8, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, WIDEN, TMA)
