@@ -1,4 +1,4 @@
-"""docs/eplb.md's worked examples produce exactly the output the page shows (timings aside)."""
+"""The worked EPLB examples of docs/eplb.md and the README produce exactly the output they show (timings aside)."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from engine.errors import run_cli
 from eplb.cli import main
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "eplb.md"
+README = Path(__file__).resolve().parents[2] / "README.md"
 
 
 def block_after(marker: str, text: str, start: int = 0) -> tuple[str, int]:
@@ -29,13 +30,14 @@ def mask_time(text: str) -> str:
     return re.sub(r'"seconds": [0-9.e-]+', '"seconds": <t>', text)
 
 
-def test_api_example():
-    doc = DOC.read_text()
+@pytest.mark.parametrize("page", [DOC, README], ids=["docs-eplb", "readme"])
+def test_api_example(page):
+    doc = page.read_text()
     code, end = block_after("<!-- example: api -->", doc)
     expected, _ = block_after("```text", doc, end - 3)
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
-        exec(compile(code, str(DOC), "exec"), {})  # noqa: S102 (the page's own example)
+        exec(compile(code, str(page), "exec"), {})  # noqa: S102 (the page's own example)
     assert out.getvalue() == expected
 
 
