@@ -1,6 +1,7 @@
 """Launchers for the elementwise stages around the expert GEMMs (Triton; references beside each).
 
-- `act_quant(x)`: per-token 1x128 FP8 quantization, the input of every W8A8 GEMM (reference `kernels.fp8.act_quant_ref`).
+- `act_quant(x)`: per-token 1x128 FP8 quantization, the input of every W8A8 GEMM
+  (reference `kernels.fp8.act_quant_ref`).
 - `silu_mul_quant(h)`: SiLU-and-mul fused with that quantization, the input of the second expert GEMM
   (reference `kernels.fp8.silu_mul_quant_ref`).
 - `silu_mul(h)`: SiLU-and-mul alone, for bf16 experts (reference `kernels.moe.silu_mul_ref`).
@@ -48,7 +49,11 @@ def _launch(x: torch.Tensor, width: int, masked_m: torch.Tensor | None, out: tor
         return
     block_m = min(64, max(16, _next_pow2(rows)))
     row_tiles = -(-rows // block_m) * (x.shape[0] if masked else 1)
-    lead = (lambda t: (t.stride(0), t.stride(1)) if masked else (0, t.stride(0)))
+
+    def lead(t: torch.Tensor) -> tuple[int, int]:
+        """(expert stride, row stride); no expert dim in the dense layout."""
+        return (t.stride(0), t.stride(1)) if masked else (0, t.stride(0))
+
     s = scale if scale is not None else out  # the kernel reads no scale pointer when it does not quantize
     s_strides = (s.stride(0) if masked else 0, s.stride(-2), s.stride(-1))
     act_kernel[(row_tiles, -(-width // ACT_GROUP))](

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import torch
 
+from kernels.act_quant import act_quant
 from kernels.checks import FP8, check_same_device, check_shape, check_tensor, require
 from kernels.fp8 import ACT_GROUP, act_quant_ref, fp8_gemm_ref
-from kernels.act_quant import act_quant
 from kernels.grouped_gemm import BACKENDS, TileConfig, pick_tile, run_gemm
 
 

@@ -37,7 +37,7 @@ sys.path.insert(0, str(ROOT))
 
 from kernels.act_quant import act_quant, silu_mul_quant  # noqa: E402
 from kernels.fp8_gemm import fp8_gemm  # noqa: E402
-from kernels.grouped_gemm import TileConfig, grouped_gemm, grouped_mlp, pick_tile  # noqa: E402
+from kernels.grouped_gemm import TileConfig, grouped_gemm, grouped_mlp  # noqa: E402
 
 E4M3 = torch.float8_e4m3fn
 GEMMS = {"gate_up": (4096, 7168), "down": (7168, 2048)}  # name: (N, K) of one expert's GEMM
@@ -98,7 +98,6 @@ def ceilings(device) -> dict:
     dst = torch.empty_like(src)
     ms = time_ms(lambda: dst.copy_(src))
     hbm = 2 * src.numel() * 4 / (ms * 1e-3) / 1e9
-    del src, dst
     n = 8192
     a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
     b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
@@ -131,21 +130,6 @@ _TUNE_BF16 = _tiles(
 _TUNE_ROWS = (16, 64, 256, 1024, 4096)
 
 
-def kernel_resources() -> list[str]:
-    """Registers and spills of every compiled GEMM variant (from Triton's in-process cache), for the tuning notes."""
-    from kernels.triton.gemm import gemm_kernel
-
-    lines = []
-    for entry in getattr(gemm_kernel, "device_caches", {}).values():
-        cache = entry[0] if isinstance(entry, tuple) else entry
-        for key, kern in getattr(cache, "items", lambda: [])():
-            consts = {k: v for k, v in getattr(kern, "src", None).constants.items()} if hasattr(kern, "src") else key
-            lines.append(f"  regs {getattr(kern, 'n_regs', '?')} spills {getattr(kern, 'n_spills', '?')} "
-                         f"warps {kern.metadata.num_warps} stages {kern.metadata.num_stages} shared "
-                         f"{getattr(kern.metadata, 'shared', '?')} {str(consts)[-260:]}")
-    return lines
-
-
 def tune(device, quick: bool) -> list[dict]:
     rows = []
     e = 8
@@ -161,10 +145,11 @@ def tune(device, quick: bool) -> list[dict]:
                     if cfg.block_m > 2 * max(m, 16) or (m >= 1024 and cfg.block_m < 64):
                         continue  # far too tall for the class, or too short to matter at large rows
                     if fp8:
-                        fn = lambda: grouped_gemm(xq, w8, counts, "contiguous", a_scale=xs, b_scale=ws, config=cfg)
+                        args, kwargs = (xq, w8), {"a_scale": xs, "b_scale": ws}
                     else:
-                        fn = lambda: grouped_gemm(x, w16, counts, "contiguous", config=cfg)
-                    ms, err = guarded(lambda: time_ms(fn, quick=True))
+                        args, kwargs = (x, w16), {}
+                    ms, err = guarded(lambda: time_ms(
+                        lambda: grouped_gemm(*args, counts, "contiguous", config=cfg, **kwargs), quick=True))
                     tflops = 2 * e * m * n * k / (ms * 1e-3) / 1e12 if ms else None
                     rows.append(dict(section="tune", gemm=gemm, dtype="fp8" if fp8 else "bf16", experts=e, rows=m,
                                      config=cfg.__dict__, ms=ms, tflops=tflops, note=err))
@@ -173,13 +158,7 @@ def tune(device, quick: bool) -> list[dict]:
                 if best:
                     print(f"tune {gemm:<8} {'fp8' if fp8 else 'bf16':<5} rows {m:>5}: best {best[1]} "
                           f"{2 * e * m * n * k / (best[0] * 1e-3) / 1e12:.0f} TFLOP/s", flush=True)
-            del x, xq, xs
-        del w16, w8, ws
         torch.cuda.empty_cache()
-    try:
-        print("compiled GEMM variants:\n" + "\n".join(kernel_resources()), flush=True)
-    except Exception as exc:  # noqa: BLE001 - Triton's cache layout differs between versions; this is only a note
-        print(f"compiled GEMM variants: not readable ({type(exc).__name__}: {exc})")
     return rows
 
 
@@ -227,8 +206,6 @@ def bench_contiguous(device, peaks: dict, experts, rows_list, quick: bool) -> li
                     print(f"  {gemm:<8} E={e:<3} rows={m:<5} {name:<38} "
                           + (f"{ms * 1e3:9.1f} us {tf:7.0f} TFLOP/s {tf / peak:6.1%}" if ms else f"n/a {err}"),
                           flush=True)
-                del x, xq, xs, xs_row
-            del w16, w8, ws, ws_row
             torch.cuda.empty_cache()
     return out
 
@@ -262,20 +239,18 @@ def bench_masked(device, peaks: dict, quick: bool) -> list[dict]:
                 print(f"  masked {gemm:<8} E={e:<3} mean rows={mean:<3} {dt:<5} "
                       + (f"{ms * 1e3:8.1f} us {gbps:6.0f} GB/s {gbps / peaks['hbm_gbps']:6.1%}" if ms else err),
                       flush=True)
-            del x, xq, xs, w16, w8, ws
         # The whole FP8 expert MLP at this decode size (act quant, gate_up, SiLU-and-mul + quant, down).
         two_i, h = GEMMS["gate_up"]
         w13, s13 = fp8_weights(e, two_i, h, device)
         w2, s2 = fp8_weights(e, h, two_i // 2, device)
         x = torch.randn(e, DECODE_MAX_M, h, device=device, dtype=torch.bfloat16)
-        fn = lambda: grouped_mlp(x, counts, "masked", w13, w2, w13_scale=s13, w2_scale=s2, expected_m=mean)
         nbytes = w13.numel() + w2.numel() + rows * h * 4
-        ms, err = guarded(lambda: time_ms(fn, quick))
+        ms, err = guarded(lambda: time_ms(lambda: grouped_mlp(x, counts, "masked", w13, w2, w13_scale=s13, w2_scale=s2,
+                                                              expected_m=mean), quick))
         gbps = nbytes / (ms * 1e-3) / 1e9 if ms else None
         out.append(dict(section="masked decode", gemm="mlp", experts=e, rows=mean, max_m=DECODE_MAX_M,
                         impl="triton fp8 mlp", dtype="fp8", ms=ms, gbps=gbps,
                         hbm_share=gbps / peaks["hbm_gbps"] if gbps else None, note=err))
-        del x, w13, w2, s13, s2
         torch.cuda.empty_cache()
     return out
 
@@ -321,8 +296,6 @@ def bench_dense(device, peaks: dict, quick: bool) -> list[dict]:
                 peak = peaks["fp8_tflops" if dt == "fp8" else "bf16_tflops"]
                 out.append(dict(section="dense", gemm=name, rows=m, impl=impl, dtype=dt, ms=ms, tflops=tf,
                                 peak_share=tf / peak if tf else None, note=err))
-            del x, xq, xs, xs_row
-        del w8, ws, w16, ws_row
     torch.cuda.empty_cache()
     return out
 
@@ -385,8 +358,9 @@ def targets(rows: list[dict]) -> list[str]:
         ratios = [ours[k]["tflops"] / base[k]["tflops"] for k in ours if k in base]
         shares = [r["peak_share"] for r in ours.values()]
         if ratios:
-            out.append(f"FP8 grouped GEMM >= 1.0x torch._scaled_grouped_mm at >= 512 rows/expert: min {min(ratios):.2f}x"
-                       f", median {sorted(ratios)[len(ratios) // 2]:.2f}x -> {'met' if min(ratios) >= 1 else 'NOT met'}")
+            median = sorted(ratios)[len(ratios) // 2]
+            out.append(f"FP8 grouped GEMM >= 1.0x torch._scaled_grouped_mm at >= 512 rows/expert: min "
+                       f"{min(ratios):.2f}x, median {median:.2f}x -> {'met' if min(ratios) >= 1 else 'NOT met'}")
         out.append(f"FP8 grouped GEMM >= 65% of FP8 peak at >= 512 rows/expert: min {min(shares):.0%}, max "
                    f"{max(shares):.0%} -> {'met' if min(shares) >= 0.65 else 'NOT met'}")
     masked = [r for r in rows if r["section"] == "masked decode" and r.get("hbm_share") and r["gemm"] != "mlp"]

@@ -14,7 +14,12 @@ if not torch.cuda.is_available():
 
 from kernels.act_quant import act_quant, silu_mul, silu_mul_quant  # noqa: E402
 from kernels.fp8 import (  # noqa: E402
-    FP8_MAX, act_quant_ref, dequantize_act, fp8_gemm_ref, quantize_block_fp8, silu_mul_quant_ref,
+    FP8_MAX,
+    act_quant_ref,
+    dequantize_act,
+    fp8_gemm_ref,
+    quantize_block_fp8,
+    silu_mul_quant_ref,
 )
 from kernels.fp8_gemm import fp8_gemm, fp8_linear  # noqa: E402
 from kernels.grouped_gemm import TileConfig  # noqa: E402
