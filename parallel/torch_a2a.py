@@ -33,32 +33,38 @@ import torch
 import torch.distributed as dist
 
 from engine.errors import WideepError
+from kernels.segment_sum import segment_sum, segment_sum_ref
 from parallel.dispatcher import DispatchedTokens, Dispatcher, register_dispatcher
 
 
 @dataclass(frozen=True)
 class SegmentSum:
-    """A fixed-order sum of row groups: `out[r] = sum_j weight[r, j] * rows[src[r, j]]`, j in each row's term order.
+    """A fixed-order sum of row groups: `out[r] = sum_j weight[j] * rows[src[j]]`, j in `[indptr[r], indptr[r+1])`.
 
     Used twice: the receiver folds a row's local expert outputs in top-k order, and the home rank adds a token's
-    per-rank partial sums in rank order. Output rows are visited in order of decreasing term count, so the j-th
-    terms belong to a prefix of that order: step j is one gather and one add into `acc[:n_j]`, no atomics, and the
-    whole sum costs one pass over the terms however the counts are spread.
-    steps[j] = (src `[n_j]` int64 row of `rows`, weight `[n_j]` float32 or None for 1).
-    inverse: `[R]` int64, the accumulator row holding output row r.
+    per-rank partial sums in rank order. Each term is `float(row) * weight` in fp32, the adds run in term order in
+    fp32 and the sum is rounded once, whichever implementation runs (`kernels.segment_sum`): the fused Triton kernel
+    on CUDA, one pass over the terms with the accumulator in registers; the torch reference elsewhere.
+    indptr: `[R + 1]` int64, each output row's first term (a CSR list, on the rows' device).
+    src: `[M]` int64, the input row of each term; weight: `[M]` float32, or None for 1.
+    step_sizes: host ints, output rows with more than j terms; they size the reference's steps without a sync.
     """
 
-    steps: list[tuple[torch.Tensor, torch.Tensor | None]]
-    inverse: torch.Tensor
+    indptr: torch.Tensor
+    src: torch.Tensor
+    weight: torch.Tensor | None
+    step_sizes: list[int]
 
-    def apply(self, rows: torch.Tensor) -> torch.Tensor:
-        """rows: `[M, H]` -> `[R, H]` in rows' dtype; fp32 accumulation (the order, and so the rounding, is fixed)."""
-        acc = torch.zeros(self.inverse.shape[0], rows.shape[1], dtype=torch.float32, device=rows.device)
-        for src, weight in self.steps:
-            # bf16 x fp32 promotes to fp32 in one kernel, as `rows.float() * weight` would compute it.
-            term = rows[src].float() if weight is None else torch.mul(rows[src], weight.unsqueeze(1))
-            acc[: src.shape[0]] += term
-        return acc.to(rows.dtype)[self.inverse]
+    def apply(self, rows: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+        """rows: `[M, H]` -> `[R, H]` in rows' dtype; fp32 accumulation (the order, and so the rounding, is fixed).
+
+        backend: "auto" (Triton on CUDA, torch elsewhere), "triton" or "torch"; all give the same bits.
+        """
+        if backend not in ("auto", "triton", "torch"):
+            raise WideepError(f"SegmentSum backend {backend!r}: expected 'auto', 'triton' or 'torch'")
+        if backend == "triton" or (backend == "auto" and rows.is_cuda):
+            return segment_sum(rows.contiguous(), self.indptr, self.src, self.weight)
+        return segment_sum_ref(rows.contiguous(), self.indptr, self.src, self.weight, step_sizes=self.step_sizes)
 
 
 @dataclass(frozen=True)
@@ -284,14 +290,7 @@ def _plan_segment_sum(
     deeper: host ints, deeper[j] = output rows with more than j terms (the step sizes).
     term_weight: `[M]` float32 per term, or None for plain sums.
     """
-    offset = torch.cumsum(depth, 0) - depth  # [R] first term of each output row
-    by_depth = torch.argsort(depth, descending=True, stable=True)  # [R] accumulator row -> output row
-    steps = []
-    for j, n in enumerate(deeper):
-        if n == 0:
-            break
-        term = offset[by_depth[:n]] + j  # [n_j] the j-th term of the n_j deepest rows
-        steps.append((term_src[term], None if term_weight is None else term_weight[term]))
-    inverse = torch.empty_like(by_depth)
-    inverse[by_depth] = torch.arange(by_depth.numel(), device=by_depth.device)
-    return SegmentSum(steps, inverse)
+    indptr = torch.zeros(depth.shape[0] + 1, dtype=torch.int64, device=depth.device)
+    torch.cumsum(depth, 0, out=indptr[1:])
+    return SegmentSum(indptr, term_src.contiguous(), None if term_weight is None else term_weight.contiguous(),
+                      list(deeper))
