@@ -3,6 +3,9 @@
 - `activation` (launched by kernels/act_quant.py): SiLU-and-mul and per-token 1x128 FP8 quantization, fused or apart.
 - `gemm` (kernels/grouped_gemm.py, kernels/fp8_gemm.py): one GEMM mainloop, bf16 or block-scaled FP8, over dense,
   contiguous-grouped or masked-grouped rows.
+- `router` (kernels/fused_router.py): DeepSeek-V3 grouped top-k routing, one program per token.
+- `mla_decode` (kernels/mla_triton.py): split-KV MLA decode over the paged latent cache, and its reduction.
+- `segment_sum` (kernels/segment_sum.py): fixed-order weighted sums of row groups (the EP combine's fold and gather).
 
 Triton decides when a body is decorated whether it is compiled or interpreted (`TRITON_INTERPRET=1`), and it
 decorates its own standard library (`tl.sum`, `tl.cumsum`, ...) when `triton` is first imported. A process without
