@@ -39,7 +39,8 @@ class MLAttention:
         self.q_lora = cfg.q_lora_rank is not None
         self.kv_a_proj = Linear.load(weights, p + ".kv_a_proj_with_mqa")
         self.kv_a_norm = RMSNorm(take(weights, p + ".kv_a_layernorm.weight"), cfg.rms_norm_eps)
-        self.kv_b_proj = Linear.load(weights, p + ".kv_b_proj")
+        # The absorbed decode path multiplies by slices of W_UK / W_UV, which no FP8 kernel serves: keep it dense.
+        self.kv_b_proj = Linear(Linear.load(weights, p + ".kv_b_proj").dequantized())
         # W_UK [heads, nope, r] and W_UV [heads, v, r] for the absorbed decode path (views, no copy).
         kv_b = self.kv_b_proj.weight.view(self.heads, self.nope + self.v_dim, self.rank)
         self.w_uk, self.w_uv = kv_b[:, : self.nope], kv_b[:, self.nope :]

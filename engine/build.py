@@ -10,6 +10,7 @@ import torch
 
 from engine.config import ModelConfig
 from engine.errors import WideepError
+from engine.layers import FP8_BLOCK, FP8_COMPUTE_DTYPE
 from engine.model import DeepseekV3
 from engine.presets import PRESETS, preset
 from engine.weights import DTYPES
@@ -59,6 +60,13 @@ def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return DTYPES[dtype]
 
 
+def use_fp8_weights(cfg: ModelConfig, device: torch.device, dtype: torch.dtype) -> bool:
+    """Keep an FP8 checkpoint's weights in FP8 (block-scaled GEMMs) on GPUs with a bf16 model; dequantize elsewhere,
+    where the CPU references compute in the model dtype."""
+    return (cfg.quant is not None and cfg.quant.block == FP8_BLOCK and device.type == "cuda"
+            and dtype == FP8_COMPUTE_DTYPE)
+
+
 def build_model(
     source: ModelSource,
     *,
@@ -73,26 +81,33 @@ def build_model(
     progress: bool = True,
     attention_backend: str = "auto",
     dispatch_algorithm: str = "static",
+    fp8_weights: bool | None = None,
 ) -> DeepseekV3:
     """Reads (or makes up, for `load_format="dummy"`) this rank's weights and builds the model on `device`;
-    decode attention runs through `attention_backend` (`--attention-backend`)."""
+    decode attention runs through `attention_backend` (`--attention-backend`). fp8_weights: keep an FP8
+    checkpoint's projections and experts in FP8 (None: `use_fp8_weights` decides; True also works on the CPU,
+    through the torch references, which is how its logic is tested without a GPU)."""
     cfg = source.cfg
     placement = placement or ExpertPlacement.trivial(len(cfg.moe_layers), cfg.n_routed_experts)
     slots = placement.slots_per_rank(ep_size)
     experts = sorted({e for layer in range(placement.num_layers)
                       for e in placement.phy2log[layer, ep_rank * slots : (ep_rank + 1) * slots].tolist()})
+    keep_fp8 = use_fp8_weights(cfg, device, dtype) if fp8_weights is None else fp8_weights
+    if keep_fp8 and (cfg.quant is None or cfg.quant.block != FP8_BLOCK or dtype != FP8_COMPUTE_DTYPE):
+        raise WideepError("FP8 weights need an fp8 checkpoint with 128x128 blocks and --dtype bfloat16")
     if load_format == "auto":
         load_format = "dummy" if source.path is None else "safetensors"
     if load_format == "dummy":
         from engine.dummy import LazyDummyWeights
 
-        weights = LazyDummyWeights(cfg, experts=experts, device=device, dtype=dtype, seed=seed)
+        weights = LazyDummyWeights(cfg, experts=experts, device=device, dtype=dtype, seed=seed, keep_fp8=keep_fp8)
     elif load_format == "safetensors":
         if source.path is None:
             raise WideepError(f"--model {source.name} is a built-in preset with no files; use --load-format dummy")
         from engine.loader import load_weights
 
-        weights = load_weights(source.path, cfg, experts=experts, device=device, dtype=dtype, progress=progress)
+        weights = load_weights(source.path, cfg, experts=experts, device=device, dtype=dtype, progress=progress,
+                               keep_fp8=keep_fp8)
     else:
         raise WideepError(f"--load-format {load_format}: choose auto, safetensors or dummy")
     log.info("building %s: %d layers, %d of %d experts on this rank, %s %s", source.name, cfg.num_hidden_layers,

@@ -6,13 +6,15 @@ code runs on one process (local dispatcher) and across ranks (torch all-to-all, 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import MutableMapping
 
 import torch
 import torch.nn.functional as F
 
 from engine.config import ModelConfig
-from engine.layers import MLP, take
+from engine.layers import FP8_BLOCK, FP8_COMPUTE_DTYPE, MLP, Linear, take
+from engine.weights import SCALE_SUFFIX
 from eplb.placement import ExpertPlacement, map_random, map_static
 from kernels.grouped_gemm import grouped_mlp
 from kernels.router import route
@@ -20,32 +22,58 @@ from parallel.deepep_layout import dequantize_tokens
 from parallel.dispatcher import Dispatcher
 
 
-def stack_experts(
-    weights: MutableMapping[str, torch.Tensor], layer: int, experts: list[int]
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Local slots' expert weights as w13 `[E_local, 2I, H]` (gate rows, then up rows) and w2 `[E_local, H, I]`.
+@dataclass
+class ExpertWeights:
+    """This rank's expert slots: w13 `[E_local, 2I, H]` (gate rows, then up rows), w2 `[E_local, H, I]`, in the
+    compute dtype; or, for FP8 checkpoints on GPUs, e4m3 with block scales w13_scale `[E_local, 2I/128, H/128]` and
+    w2_scale `[E_local, H/128, I/128]` float32 (the checkpoint's `weight_scale_inv` blocks)."""
 
-    `experts[s]` is the logical expert of slot s (an expert may fill several slots). Each per-expert tensor is
-    copied into place and then dropped from `weights`, so with a lazy mapping (dummy weights) a full-size layer
-    never exists twice.
+    w13: torch.Tensor
+    w2: torch.Tensor
+    w13_scale: torch.Tensor | None = None
+    w2_scale: torch.Tensor | None = None
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [t for t in (self.w13, self.w2, self.w13_scale, self.w2_scale) if t is not None]
+
+
+def stack_experts(weights: MutableMapping[str, torch.Tensor], layer: int, experts: list[int]) -> ExpertWeights:
+    """Stacks the local slots' expert weights; `experts[s]` is the logical expert of slot s (an expert may fill
+    several slots).
+
+    Each per-expert tensor is copied into place and then dropped from `weights`, so with a lazy mapping (dummy
+    weights) a full-size layer never exists twice. FP8 weights stay FP8 when their 128-blocks tile the expert
+    exactly (I and H multiples of 128, as in DeepSeek-V3); otherwise they are dequantized.
     """
     p = f"model.layers.{layer}.mlp.experts"
     last_use = {e: s for s, e in enumerate(experts)}
-    w13 = w2 = None
+    out: ExpertWeights | None = None
     for s, e in enumerate(experts):
-        gate, up = take(weights, f"{p}.{e}.gate_proj.weight"), take(weights, f"{p}.{e}.up_proj.weight")
-        down = take(weights, f"{p}.{e}.down_proj.weight")
-        if w13 is None:
-            inter, hidden = gate.shape
-            w13 = gate.new_empty(len(experts), 2 * inter, hidden)
-            w2 = down.new_empty(len(experts), hidden, inter)
-        w13[s, :inter].copy_(gate)
-        w13[s, inter:].copy_(up)
-        w2[s].copy_(down)
+        gate, up, down = (Linear.load(weights, f"{p}.{e}.{proj}") for proj in ("gate_proj", "up_proj", "down_proj"))
+        inter, hidden = gate.weight.shape
+        fp8 = gate.scale_inv is not None and inter % FP8_BLOCK[0] == 0 and hidden % FP8_BLOCK[0] == 0
+        if out is None:
+            dtype = gate.weight.dtype if gate.scale_inv is None or fp8 else FP8_COMPUTE_DTYPE
+            out = ExpertWeights(gate.weight.new_empty(len(experts), 2 * inter, hidden, dtype=dtype),
+                                gate.weight.new_empty(len(experts), hidden, inter, dtype=dtype))
+            if fp8:
+                out.w13_scale = gate.scale_inv.new_empty(len(experts), 2 * inter // 128, hidden // 128)
+                out.w2_scale = gate.scale_inv.new_empty(len(experts), hidden // 128, inter // 128)
+        if fp8:
+            out.w13[s, :inter].copy_(gate.weight)
+            out.w13[s, inter:].copy_(up.weight)
+            out.w2[s].copy_(down.weight)
+            out.w13_scale[s].copy_(torch.cat([gate.scale_inv, up.scale_inv]))
+            out.w2_scale[s].copy_(down.scale_inv)
+        else:
+            out.w13[s, :inter].copy_(gate.dequantized())
+            out.w13[s, inter:].copy_(up.dequantized())
+            out.w2[s].copy_(down.dequantized())
         if last_use[e] == s:
             for proj in ("gate_proj", "up_proj", "down_proj"):
                 weights.pop(f"{p}.{e}.{proj}.weight", None)
-    return w13, w2
+                weights.pop(f"{p}.{e}.{proj}.weight{SCALE_SUFFIX}", None)
+    return out
 
 
 class MoE:
@@ -72,7 +100,7 @@ class MoE:
         self.dispatch_algorithm = dispatch_algorithm
         # Seeded alike on every rank and device, so --ep-dispatch-algorithm random is reproducible.
         self.generator = torch.Generator(device=self.gate.device).manual_seed(1234 + layer)
-        self.w13, self.w2 = stack_experts(weights, layer, placement.local_experts(self.moe_index, ep_rank, ep_size))
+        self.weights = stack_experts(weights, layer, placement.local_experts(self.moe_index, ep_rank, ep_size))
         self.dispatcher = dispatcher
         self.shared = MLP(weights, p + ".shared_experts") if cfg.n_shared_experts else None
 
@@ -99,14 +127,16 @@ class MoE:
 
     def expert_tensors(self) -> list[torch.Tensor]:
         """This rank's expert weights, each `[E_local, ...]`: what a placement change moves between ranks."""
-        return [self.w13, self.w2]
+        return self.weights.tensors()
 
     def experts(self, tokens) -> torch.Tensor:
         """Local expert MLPs over `DispatchedTokens`, answering in the same layout."""
-        if tokens.scales is not None:  # FP8 dispatch (DeepEP): the bf16 expert weights take dequantized rows
-            tokens = dequantize_tokens(tokens, self.w13.dtype)
+        w = self.weights
+        if tokens.scales is not None:  # FP8 dispatch (DeepEP): the expert MLP takes the rows dequantized
+            tokens = dequantize_tokens(tokens, FP8_COMPUTE_DTYPE if w.w13_scale is not None else w.w13.dtype)
         # Triton grouped GEMMs on CUDA tensors; elsewhere the torch reference (grouped_mlp_contiguous / _masked).
-        return grouped_mlp(tokens.hidden, tokens.tokens_per_expert, tokens.layout, self.w13, self.w2)
+        return grouped_mlp(tokens.hidden, tokens.tokens_per_expert, tokens.layout, w.w13, w.w2,
+                           w13_scale=w.w13_scale, w2_scale=w.w2_scale)
 
     def __call__(self, x: torch.Tensor, positions: torch.Tensor, mode: str = "prefill") -> torch.Tensor:
         """x: `[T, H]`, positions: `[T]`; mode: the step's job-wide mode, for the dispatcher -> `[T, H]`."""

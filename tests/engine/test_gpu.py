@@ -53,6 +53,27 @@ def test_cuda_matches_cpu(tiny_checkpoint, fp8):
         assert err.median() < 2e-2 and err.max() < 0.5, err
 
 
+def test_fp8_weights_on_gpu_match_the_cpu_references(tiny_checkpoint):
+    """FP8 weights kept on the GPU (Triton block-scaled GEMMs, grouped FP8 expert MLP) against the same FP8 math
+    through the torch references on the CPU: FP8 tolerance, per position."""
+    # Dimensions in whole 128-blocks, as tests/engine/test_fp8_weights.py uses, so the experts stay FP8.
+    aligned = tiny(fp8=True).replace(hidden_size=256, intermediate_size=256, moe_intermediate_size=128,
+                                     q_lora_rank=128, kv_lora_rank=128)
+    ckpt = tiny_checkpoint(aligned, seed=9)
+    source = ModelSource.resolve(str(ckpt))
+    outs = []
+    for device in ("cpu", "cuda"):
+        model = build_model(source, device=torch.device(device), dtype=torch.bfloat16, fp8_weights=True,
+                            progress=False)
+        assert model.moe_layers()[0].weights.w13.dtype == torch.float8_e4m3fn
+        reqs = [Request(i, p, SamplingParams(max_new_tokens=4, ignore_eos=True)) for i, p in enumerate(PROMPTS)]
+        Runner(model).generate(reqs, prompt_logits=True)
+        outs.append(reqs)
+    for cpu, gpu in zip(*outs):
+        err = row_rel(gpu.prompt_logits, cpu.prompt_logits)
+        assert err.median() < 3e-2 and err.max() < 0.5, err
+
+
 def test_v3_shapes_dummy_forward():
     """Real DeepSeek-V3 widths (3 dense + 1 MoE layer, 256 experts) on one GPU: finite logits, deterministic."""
     source = ModelSource.resolve("v3", num_layers=4)
