@@ -196,6 +196,7 @@ def run_bench(args: argparse.Namespace, source: ModelSource, par: EngineParallel
         "model": source.name,
         "num_layers": source.cfg.num_hidden_layers,
         "quantization": "fp8" if source.cfg.quant else "none",
+        "fp8_weights": any(layer.weights.w13_scale is not None for layer in model.moe_layers()),
         "load_format": args.load_format,
         "dtype": str(dtype).removeprefix("torch."),
         "num_prompts": args.num_prompts,

@@ -23,6 +23,9 @@ def add_model_args(parser: argparse.ArgumentParser, default_model: str | None = 
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="compute dtype (auto: bfloat16 on GPU, float32 on CPU)")
     g.add_argument("--seed", type=int, default=0, help="seed for dummy weights, datasets and sampling")
+    g.add_argument("--fp8-weights", choices=["auto", "on", "off"], default="auto",
+                   help="keep an fp8 checkpoint's weights in FP8 and run block-scaled FP8 GEMMs (auto: on GPUs with "
+                        "bfloat16; off: dequantize to --dtype at load)")
     g.add_argument("--attention-backend", default="auto", choices=["auto", "flashinfer", "triton", "torch"],
                    help="MLA decode attention (auto: flashinfer when importable on GPU, else triton; torch on CPU)")
     g.add_argument("--max-running-requests", type=int, default=64, help="requests decoded together")

@@ -110,6 +110,7 @@ def build_parallel_model(args: argparse.Namespace, source: ModelSource, par: Eng
     model = build_model(source, load_format=args.load_format, device=par.device, dtype=dtype, placement=placement,
                         ep_rank=par.rank, ep_size=par.world_size, dispatcher=par.dispatcher(cfg, placement, dtype),
                         seed=args.seed, progress=par.is_main, attention_backend=args.attention_backend,
-                        dispatch_algorithm=eplb.dispatch_algorithm)
+                        dispatch_algorithm=eplb.dispatch_algorithm,
+                        fp8_weights={"auto": None, "on": True, "off": False}[args.fp8_weights])
     group = par.state.group if par.state else None
     return model, EplbManager(model, eplb, rank=par.rank, world=par.world_size, nnodes=nnodes, group=group)
