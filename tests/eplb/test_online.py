@@ -161,6 +161,18 @@ def test_random_dispatch_and_initial_locations_keep_outputs(ckpt, tmp_path):
     planned = initial_placement(EplbConfig(num_redundant=8, init_location=str(dump)), cfg, world=4, nnodes=1)
     assert (planned.logcnt[:, :3] > 1).all()  # hot experts got replicas
     assert greedy(build(ckpt, planned)) == reference
+    # A placement.json planned by `python -m eplb plan`, and an SGLang dump (`.pt`, read with weights_only).
+    from eplb.placement_file import write_placement
+
+    plan = tmp_path / "placement.json"
+    write_placement(plan, planned, {"num_gpus": 4}, torch.ones(layers), torch.ones(layers))
+    from_json = initial_placement(EplbConfig(num_redundant=8, init_location=str(plan)), cfg, world=4, nnodes=1)
+    assert torch.equal(from_json.phy2log, planned.phy2log)
+    sglang = tmp_path / "expert_distribution.pt"
+    torch.save({"logical_count": load[0]}, sglang)
+    from_pt = initial_placement(EplbConfig(num_redundant=8, init_location=str(sglang)), cfg, world=4, nnodes=1)
+    assert torch.equal(from_pt.phy2log, planned.phy2log)
+    assert greedy(build(ckpt, from_json, dispatch="random")) == reference
     with pytest.raises(Exception, match="does not fit"):
         initial_placement(EplbConfig(num_redundant=4, init_location=str(dump)), cfg.replace(n_routed_experts=32,
                                                                                             n_group=4), 4, 1)
