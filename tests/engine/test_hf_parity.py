@@ -150,3 +150,32 @@ def test_generate_cli_contract(tmp_path):
     assert run.returncode == 0, run.stderr
     lines = [json.loads(x) for x in run.stdout.strip().splitlines()]
     assert len(lines) == 2 and lines[0] == out
+
+
+def test_generate_with_prompt_text_and_tokenizer(tmp_path):
+    """`--prompt TEXT` encodes with the model directory's tokenizer.json and decodes the new tokens."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    cfg = tiny()
+    ckpt = write_checkpoint(cfg, tmp_path / "ckpt", seed=3, progress=False)
+    vocab = {f"w{i}": i for i in range(cfg.vocab_size)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(ckpt / "tokenizer.json"))
+    run = subprocess.run(
+        [sys.executable, "-m", "engine.generate", "--model", str(ckpt), "--prompt", "w3 w17 w99",
+         "--max-new-tokens", "4", "--ignore-eos"],
+        capture_output=True, text=True, cwd=REPO, timeout=120,
+    )
+    assert run.returncode == 0, run.stderr
+    out = json.loads(run.stdout.strip().splitlines()[-1])
+    ids = subprocess.run(
+        [sys.executable, "-m", "engine.generate", "--model", str(ckpt), "--input-ids", "3 17 99",
+         "--max-new-tokens", "4", "--ignore-eos"],
+        capture_output=True, text=True, cwd=REPO, timeout=120,
+    )
+    assert out["output_ids"] == json.loads(ids.stdout.strip().splitlines()[-1])["output_ids"]
+    assert out["text"].split() == [f"w{i}" for i in out["output_ids"]]
+    missing = subprocess.run([sys.executable, "-m", "engine.generate", "--model", "tiny", "--prompt", "hi"],
+                             capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert missing.returncode == 2 and "tokenizer.json" in missing.stderr
