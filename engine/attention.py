@@ -16,7 +16,7 @@ from engine.config import ModelConfig
 from engine.layers import Linear, RMSNorm, take
 from engine.rope import RotaryEmbedding
 from kernels.attention_backend import AttentionBackend, TorchAttention
-from kernels.mla import mla_extend_torch
+from kernels.mla import mla_extend_torch, pages_to_slots
 
 
 class MLAttention:
@@ -68,16 +68,25 @@ class MLAttention:
     def _decode(self, q_nope, q_rope, batch: ForwardBatch, kv_cache: torch.Tensor) -> torch.Tensor:
         """Absorbed form: `[B, heads, nope]` queries -> `[B, heads, v]`."""
         q_latent = torch.einsum("bhn,hnr->bhr", q_nope, self.w_uk)
-        o_latent = self.backend.decode(q_latent, q_rope, kv_cache, batch.page_table, batch.seq_lens, self.scale)
+        table = batch.page_table
+        if batch.page_size != self.backend.page_size:
+            # A backend built for single-token pages reads any paged cache through the expanded slot table.
+            if self.backend.page_size != 1:
+                raise ValueError(f"batch pages of {batch.page_size} tokens, backend built for "
+                                 f"{self.backend.page_size}")
+            table = pages_to_slots(table, batch.page_size)
+        o_latent = self.backend.decode(q_latent, q_rope, kv_cache, table, batch.seq_lens, self.scale)
         return torch.einsum("bhr,hvr->bhv", o_latent, self.w_uv)
 
     def _extend(self, q_nope, q_rope, batch: ForwardBatch, kv_cache: torch.Tensor) -> torch.Tensor:
         """Per sequence: expand its cached latent to keys/values for every head; `[T, heads, *]` -> `[T, heads, v]`."""
         q = torch.cat([q_nope, q_rope], dim=-1)
         out = torch.empty(q.shape[0], self.heads, self.v_dim, dtype=q.dtype, device=q.device)
+        # [B, S_max] slots of every token (page ids are slots when pages hold one token).
+        table = batch.page_table if batch.page_size == 1 else pages_to_slots(batch.page_table, batch.page_size)
         start = 0
         for b, (n, prefix) in enumerate(zip(batch.extend_lens, batch.prefix_lens)):
-            cached = kv_cache[batch.page_table[b, : prefix + n]]  # [S, r + d_r]
+            cached = kv_cache[table[b, : prefix + n]]  # [S, r + d_r]
             latent, k_rope = cached.split([self.rank, self.rope_dim], dim=-1)
             kv = self.kv_b_proj(latent.to(q.dtype)).view(-1, self.heads, self.nope + self.v_dim)
             k_nope, v = kv.split([self.nope, self.v_dim], dim=-1)

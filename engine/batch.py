@@ -13,7 +13,9 @@ class ForwardBatch:
 
     input_ids: `[T]` int64; positions: `[T]` int64; out_slots: `[T]` int64 cache slot each new token is written to.
     extend_lens / prefix_lens: per sequence, new tokens this step and tokens already cached (host ints).
-    page_table: `[B, S_max]` int64 cache slots of every token of each sequence (prefix then new), 0-padded.
+    page_table: `[B, max_pages]` int64 cache pages of each sequence in order (prefix then new), 0-padded; token t
+    of sequence b lives in slot `page_table[b, t // page_size] * page_size + t % page_size`. With page_size 1 (what
+    `build` makes) the entries are the tokens' slots.
     seq_lens: `[B]` int64 prefix + new.
     decode: every sequence adds exactly one token (attention takes the absorbed path).
     mode: the job-wide mode of this step, "prefill" or "decode", the same on every rank (a rank may decode while
@@ -29,6 +31,7 @@ class ForwardBatch:
     seq_lens: torch.Tensor
     decode: bool
     mode: str = "prefill"
+    page_size: int = 1
 
     @property
     def num_tokens(self) -> int:

@@ -1,0 +1,192 @@
+"""The continuous-batching runner: model + `Scheduler` + `PagedLatentKVCache`, with `engine.runner.Runner`'s surface.
+
+Each step the scheduler picks runs (prefill chunks or decodes, see `engine.scheduler` for the policy); this module
+turns them into a `ForwardBatch` (positions, page table, sequence lengths), runs the model, samples the runs that
+end their sequence and hands the step back to the scheduler. Under data-parallel attention every rank joins every
+step, with an empty batch when it has nothing to run, and all ranks agree on the step's mode through `StepSync`,
+exactly as the static runner does.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from collections.abc import Callable
+
+import torch
+
+from engine.batch import ForwardBatch
+from engine.errors import WideepError
+from engine.model import DeepseekV3
+from engine.paged_cache import PagedLatentKVCache, pages_for_memory
+from engine.runner import Request, StepStats
+from engine.sampling import sample
+from engine.scheduler import Plan, Scheduler, SchedulerConfig
+from parallel.step_sync import LocalStepSync, StepSync
+
+
+@dataclass(frozen=True)
+class ContinuousConfig:
+    """max_total_tokens: KV cache size in tokens (None: from free memory on GPUs; on the CPU, what the requests of
+    the first `generate` could ever hold, so that nothing is retracted). mem_fraction_static: share of the GPU that
+    weights and KV cache may take when sizing from free memory."""
+
+    max_running_requests: int = 64
+    chunked_prefill_size: int = 8192
+    page_size: int = 1
+    max_total_tokens: int | None = None
+    mem_fraction_static: float = 0.85
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.page_size < 1:
+            raise WideepError(f"--page-size must be >= 1, found {self.page_size}")
+        if self.max_total_tokens is not None and self.max_total_tokens < self.page_size:
+            raise WideepError(f"--max-total-tokens must hold at least one page ({self.page_size} tokens)")
+        if not 0.0 < self.mem_fraction_static < 1.0:
+            raise WideepError(f"--mem-fraction-static must lie in (0, 1), found {self.mem_fraction_static}")
+        SchedulerConfig(self.max_running_requests, self.chunked_prefill_size)  # validates both flags
+
+
+@dataclass
+class ContinuousStats(StepStats):
+    """StepStats plus what continuous batching adds: peak running requests, retractions, KV pages in use."""
+
+    peak_running: int = 0
+    retractions: int = 0
+    peak_pages_used: int = 0
+    num_pages: int = 0
+
+    @property
+    def peak_kv_use(self) -> float:
+        return self.peak_pages_used / max(self.num_pages, 1)
+
+
+class ContinuousRunner:
+    """Runs requests to completion on one model by continuous batching; `on_step(num_new_tokens)` reports progress."""
+
+    def __init__(self, model: DeepseekV3, config: ContinuousConfig = ContinuousConfig(),
+                 sync: StepSync | None = None, on_step_end: Callable[[int], None] | None = None):
+        """on_step_end(step): called on every rank after every step, idle ones too, with the job-wide step index."""
+        self.model = model
+        self.config = config
+        self.sync = sync or LocalStepSync()
+        self.on_step_end = on_step_end
+        self.eos = model.cfg.eos_token_id
+        self.generator = torch.Generator(device=model.device).manual_seed(config.seed)
+        self.stats = ContinuousStats()
+        self.cache: PagedLatentKVCache | None = None
+        self._step = 0
+
+    def _num_pages(self, requests: list[Request]) -> int:
+        cfg, p = self.config, self.config.page_size
+        if cfg.max_total_tokens is not None:
+            return cfg.max_total_tokens // p
+        if self.model.device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(self.model.device)
+            per_page = (self.model.cfg.num_hidden_layers * p * self.model.cfg.kv_cache_dim
+                        * self.model.dtype.itemsize)
+            return pages_for_memory(free, total, cfg.mem_fraction_static, per_page)
+        return max(sum(-(-r.max_tokens // p) for r in requests), 1)
+
+    def _cache_for(self, requests: list[Request]) -> PagedLatentKVCache:
+        pages = self._num_pages(requests)
+        # Sized once, except on the CPU without --max-total-tokens, where a later, larger job grows it.
+        if self.cache is None or (self.config.max_total_tokens is None and self.model.device.type != "cuda"
+                                  and self.cache.num_pages < pages):
+            self.cache = None  # free the old buffer before taking the new one
+            cfg = self.model.cfg
+            self.cache = PagedLatentKVCache(cfg.num_hidden_layers, pages, self.config.page_size, cfg.kv_cache_dim,
+                                            self.model.dtype, self.model.device)
+        self.stats.num_pages = self.cache.num_pages
+        return self.cache
+
+    def generate(
+        self,
+        requests: list[Request],
+        prompt_logits: bool = False,
+        on_step: Callable[[int], None] | None = None,
+    ) -> list[Request]:
+        """Runs `requests` (this rank's share; possibly none) to completion, joining every step of the job."""
+        for r in requests:
+            if not r.input_ids:
+                raise WideepError(f"request {r.rid} has an empty prompt; give at least one token")
+            bad = [t for t in r.input_ids if not 0 <= t < self.model.cfg.vocab_size]
+            if bad:
+                raise WideepError(f"request {r.rid}: token id {bad[0]} outside the vocabulary [0, "
+                                  f"{self.model.cfg.vocab_size})")
+        on_step = on_step or (lambda n: None)
+        cache = self._cache_for(requests)
+        sched = Scheduler(SchedulerConfig(self.config.max_running_requests, self.config.chunked_prefill_size), cache)
+        for r in requests:
+            sched.add(r)
+        pieces: dict[int, list[torch.Tensor]] = {}  # prompt logits gathered chunk by chunk
+        while True:
+            plan = sched.next_step()
+            with self.sync.guard(self._step, "agreeing on the next step"):
+                go, prefill = self.sync.agree(plan is not None, plan is not None and plan.prefill)
+            if not go:
+                break
+            mode = "prefill" if prefill else "decode"
+            with self.sync.guard(self._step, f"{mode} forward"):
+                self._run(plan, mode, cache, pieces if prompt_logits else None, on_step)
+            if plan is not None:
+                self.stats.peak_running = max(self.stats.peak_running, len(sched.running))
+                sched.step_done(plan)
+            if self.on_step_end is not None:
+                with self.sync.guard(self._step, "end of step (expert load, rebalance)"):
+                    self.on_step_end(self._step)
+            self._step += 1
+        self.stats.retractions += sched.num_retractions
+        return requests
+
+    def _run(self, plan: Plan | None, mode: str, cache: PagedLatentKVCache,
+             pieces: dict[int, list[torch.Tensor]] | None, on_step: Callable[[int], None]) -> None:
+        start = time.perf_counter()
+        if plan is None:
+            # Nothing of our own: join the step's collectives with zero tokens.
+            self.model.forward(ForwardBatch.empty(self.model.device, mode), cache)
+            self.stats.idle_steps += 1
+            return
+        self.stats.peak_pages_used = max(self.stats.peak_pages_used, cache.num_pages - cache.num_free_pages)
+        batch = cache.build_batch([r.req.rid for r in plan.runs], [r.tokens for r in plan.runs],
+                                  [r.start for r in plan.runs], self.model.device)
+        batch.mode = mode
+        # Prompt logits only while a request's prompt is first being prefilled (a re-prefill after retraction
+        # already has them).
+        want_all = pieces is not None and plan.prefill and any(
+            r.req.prompt_logits is None and r.start < len(r.req.input_ids) for r in plan.runs)
+        logits = self.model.forward(batch, cache, all_logits=want_all)
+        if want_all:
+            for r, chunk in zip(plan.runs, logits.split(batch.extend_lens)):
+                if r.req.prompt_logits is None and r.start < len(r.req.input_ids):
+                    if r.start == 0:  # a prompt retracted part-way starts over
+                        pieces[r.req.rid] = []
+                    pieces[r.req.rid].append(chunk[: len(r.req.input_ids) - r.start].cpu())
+                    if r.start + len(r.tokens) >= len(r.req.input_ids):
+                        r.req.prompt_logits = torch.cat(pieces.pop(r.req.rid))
+            logits = logits[batch.last_token_index]
+        done = [i for i, r in enumerate(plan.runs) if r.sample]
+        self._append([plan.runs[i].req for i in done], logits[done] if done else logits[:0])
+        elapsed = time.perf_counter() - start
+        if plan.prefill:
+            self.stats.prefill_steps += 1
+            self.stats.prefill_tokens += batch.num_tokens
+            self.stats.prefill_s += elapsed
+        else:
+            self.stats.decode_steps += 1
+            self.stats.decode_tokens += len(plan.runs)
+            self.stats.decode_s += elapsed
+        on_step(len(done))
+
+    def _append(self, reqs: list[Request], logits: torch.Tensor) -> None:
+        """logits: `[len(reqs), vocab]` float32 of each request's last token."""
+        if not reqs:
+            return
+        tokens = sample(logits, [r.params for r in reqs], self.generator).tolist()
+        for r, tok in zip(reqs, tokens):
+            r.output_ids.append(tok)
+            done = len(r.output_ids) >= r.params.max_new_tokens
+            if not r.params.ignore_eos and tok == self.eos:
+                done = True
+            r.finished = done
