@@ -21,9 +21,9 @@ from tqdm import tqdm
 
 from engine.build import ModelSource, pick_dtype
 from engine.distributed import EngineParallel, build_parallel_model
-from engine.cli_args import add_model_args, setup_logging
+from engine.cli_args import add_model_args, make_runner, setup_logging
 from engine.errors import WideepError, run_cli
-from engine.runner import Request, Runner, RunnerConfig, StepStats
+from engine.runner import Request
 from engine.sampling import SamplingParams
 
 
@@ -109,6 +109,13 @@ def print_table(result: dict) -> None:
         ("Mean decode batch", f"{result['mean_decode_batch']:.1f}"),
         ("Weights on device (GB)", f"{result['weight_bytes'] / 1e9:.3f}"),
     ]
+    if result["runtime"] == "continuous":
+        rows += [
+            ("Peak running requests, rank 0", result["peak_running_requests"]),
+            ("Retractions, rank 0", result["retractions"]),
+            ("KV cache peak use, rank 0",
+             f"{100 * result['kv_cache_peak_use']:.1f}% of {result['kv_cache_pages']} pages"),
+        ]
     print(f"{' Offline Throughput Benchmark Result ':=^60}")
     for name, value in rows:
         print(f"{name + ':':<40}{value:>20}")
@@ -138,8 +145,7 @@ def run_bench(args: argparse.Namespace, source: ModelSource, par: EngineParallel
     device = par.device
     dtype = pick_dtype(args.dtype, device)
     model, eplb = build_parallel_model(args, source, par, dtype)
-    runner = Runner(model, RunnerConfig(args.max_running_requests, args.max_prefill_tokens, args.seed + par.rank),
-                    sync=par.sync, on_step_end=eplb.on_step_end)
+    runner = make_runner(args, model, args.seed + par.rank, par.sync, eplb.on_step_end)
     vocab = source.cfg.vocab_size
     if args.warmup_requests:
         warm = random_requests(argparse.Namespace(**{**vars(args), "num_prompts": args.warmup_requests,
@@ -147,7 +153,7 @@ def run_bench(args: argparse.Namespace, source: ModelSource, par: EngineParallel
         runner.generate(warm)
     # Every rank draws the same prompts and takes every world_size-th one (DP attention, round robin).
     requests = random_requests(args, vocab, args.seed)[par.rank :: par.world_size]
-    runner.stats = StepStats()
+    runner.stats = type(runner.stats)()
     eplb.recorder.reset()  # the warm-up's load is not the benchmark's
     total_out = sum(r.params.max_new_tokens for r in requests)
     sync(device)
@@ -204,6 +210,10 @@ def run_bench(args: argparse.Namespace, source: ModelSource, par: EngineParallel
         "random_output_len": args.random_output_len,
         "random_range_ratio": args.random_range_ratio,
         "max_running_requests": args.max_running_requests,
+        "runtime": args.runtime,
+        **({"page_size": args.page_size, "peak_running_requests": stats0.peak_running,
+            "retractions": stats0.retractions, "kv_cache_pages": stats0.num_pages,
+            "kv_cache_peak_use": stats0.peak_kv_use} if args.runtime == "continuous" else {}),
         "world_size": world,
         "ep_size": par.config.ep_size,
         "moe_a2a_backend": par.config.a2a_backend,

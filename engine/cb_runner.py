@@ -10,8 +10,8 @@ exactly as the static runner does.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
@@ -152,9 +152,9 @@ class ContinuousRunner:
         batch = cache.build_batch([r.req.rid for r in plan.runs], [r.tokens for r in plan.runs],
                                   [r.start for r in plan.runs], self.model.device)
         batch.mode = mode
-        # Prompt logits only while a request's prompt is first being prefilled (a re-prefill after retraction
-        # already has them).
-        want_all = pieces is not None and plan.prefill and any(
+        # Prompt logits only while a request's prompt is first being run (a re-prefill after retraction already
+        # has them); its last prompt token may come as a one-token decode run after a chunk that stopped short.
+        want_all = pieces is not None and any(
             r.req.prompt_logits is None and r.start < len(r.req.input_ids) for r in plan.runs)
         logits = self.model.forward(batch, cache, all_logits=want_all)
         if want_all:

@@ -30,8 +30,40 @@ def add_model_args(parser: argparse.ArgumentParser, default_model: str | None = 
                    help="MLA decode attention (auto: flashinfer when importable on GPU, else triton; torch on CPU)")
     g.add_argument("--max-running-requests", type=int, default=64, help="requests decoded together")
     g.add_argument("--max-prefill-tokens", type=int, default=8192, help="prompt tokens per prefill forward")
+    add_runtime_args(parser)
     add_parallel_args(parser)
     add_eplb_args(parser)
+
+
+def add_runtime_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("runtime")
+    g.add_argument("--runtime", choices=["static", "continuous"], default="static",
+                   help="static: fixed batches run to the end; continuous: continuous batching over a paged KV cache "
+                        "with chunked prefill and retraction")
+    g.add_argument("--page-size", type=int, default=1, help="tokens per KV cache page (continuous runtime)")
+    g.add_argument("--chunked-prefill-size", type=int, default=None,
+                   help="prompt tokens per prefill step of the continuous runtime (default: --max-prefill-tokens)")
+    g.add_argument("--max-total-tokens", type=int, default=None,
+                   help="KV cache size in tokens (continuous runtime; default: from free memory on GPUs, on the "
+                        "CPU what the requests need)")
+    g.add_argument("--mem-fraction-static", type=float, default=0.85,
+                   help="share of GPU memory that weights and the KV cache may take (continuous runtime)")
+
+
+def make_runner(args: argparse.Namespace, model, seed: int, sync, on_step_end):
+    """The runner `--runtime` names, configured from the flags; both share one surface (`generate`, `stats`)."""
+    from engine.cb_runner import ContinuousConfig, ContinuousRunner
+    from engine.runner import Runner, RunnerConfig
+
+    if args.runtime == "static":
+        return Runner(model, RunnerConfig(args.max_running_requests, args.max_prefill_tokens, seed), sync=sync,
+                      on_step_end=on_step_end)
+    config = ContinuousConfig(
+        max_running_requests=args.max_running_requests,
+        chunked_prefill_size=args.chunked_prefill_size or args.max_prefill_tokens,
+        page_size=args.page_size, max_total_tokens=args.max_total_tokens,
+        mem_fraction_static=args.mem_fraction_static, seed=seed)
+    return ContinuousRunner(model, config, sync=sync, on_step_end=on_step_end)
 
 
 def setup_logging(rank: int = 0, verbose: bool = False) -> None:

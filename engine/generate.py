@@ -14,9 +14,9 @@ from pathlib import Path
 
 from engine.build import ModelSource, pick_dtype
 from engine.distributed import EngineParallel, build_parallel_model
-from engine.cli_args import add_model_args, setup_logging
+from engine.cli_args import add_model_args, make_runner, setup_logging
 from engine.errors import WideepError, run_cli
-from engine.runner import Request, Runner, RunnerConfig
+from engine.runner import Request
 from engine.sampling import SamplingParams
 
 
@@ -115,9 +115,7 @@ def main(argv: list[str] | None = None) -> int:
         model, eplb = build_parallel_model(args, source, par, pick_dtype(args.dtype, par.device))
         # DP attention: prompt i runs on rank i mod world (prompt 0, whose logits --logits-out wants, on rank 0).
         mine = [Request(i, ids, params) for i, ids in enumerate(prompts) if i % par.world_size == par.rank]
-        runner = Runner(model, RunnerConfig(args.max_running_requests, args.max_prefill_tokens,
-                                            args.seed + par.rank), sync=par.sync,
-                        on_step_end=eplb.on_step_end)
+        runner = make_runner(args, model, args.seed + par.rank, par.sync, eplb.on_step_end)
         runner.generate(mine, prompt_logits=bool(args.logits_out))
         eplb.dump()
         gathered = par.sync.gather([(r.rid, r.output_ids) for r in mine])
