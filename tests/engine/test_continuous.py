@@ -1,11 +1,17 @@
 """Continuous batching over the paged cache against the static runner; the scheduler's bookkeeping on its own."""
 
 import json
+import os
+import socket
+import subprocess
+import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 import torch
 
+from engine.build import ModelSource, build_model
 from engine.cb_runner import ContinuousConfig, ContinuousRunner
 from engine.dummy import dummy_weights
 from engine.errors import WideepError
@@ -192,3 +198,31 @@ def test_bench_cli_continuous(capsys):
     assert result["runtime"] == "continuous"
     assert result["successful_requests"] == 6
     assert result["peak_running_requests"] >= 1 and 0 < result["kv_cache_peak_use"] <= 1
+
+
+def test_dp_attention_ranks_under_torchrun(tiny_checkpoint, tmp_path):
+    """Two DP-attention ranks with uneven shares and a tight cache: every rank joins every step (idle ones too),
+    and the outputs are those of the static runner in one process."""
+    ckpt = tiny_checkpoint(seed=3)
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(0, 512, (n,), generator=g).tolist() for n in (30, 2, 17, 5, 9)]
+    model = build_model(ModelSource.resolve(str(ckpt)), device=torch.device("cpu"), dtype=torch.float32,
+                        progress=False)
+    want = [Request(i, p, SamplingParams(max_new_tokens=6, ignore_eos=True)) for i, p in enumerate(prompts)]
+    Runner(model).generate(want)
+
+    path = tmp_path / "p.jsonl"
+    path.write_text("".join(json.dumps({"input_ids": p}) + "\n" for p in prompts))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    run = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(port),
+         "-m", "engine.generate", "--model", str(ckpt), "--prompts-file", str(path), "--max-new-tokens", "6",
+         "--ignore-eos", "--ep-size", "2", "--enable-dp-attention", "--moe-a2a-backend", "torch", "--dtype",
+         "float32", "--device", "cpu", "--runtime", "continuous", "--page-size", "4", "--chunked-prefill-size", "8",
+         "--max-total-tokens", "40"],
+        capture_output=True, text=True, cwd=Path(__file__).resolve().parents[2], timeout=180,
+        env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert run.returncode == 0, run.stderr
+    assert [json.loads(x)["output_ids"] for x in run.stdout.strip().splitlines()] == [r.output_ids for r in want]
