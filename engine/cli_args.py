@@ -5,9 +5,14 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from collections.abc import Callable
 
+from engine.cb_runner import ContinuousConfig, ContinuousRunner
+from engine.model import DeepseekV3
+from engine.runner import Runner, RunnerConfig
 from eplb.manager import add_eplb_args
 from parallel.config import add_parallel_args
+from parallel.step_sync import StepSync
 
 
 def add_model_args(parser: argparse.ArgumentParser, default_model: str | None = None) -> None:
@@ -50,11 +55,9 @@ def add_runtime_args(parser: argparse.ArgumentParser) -> None:
                    help="share of GPU memory that weights and the KV cache may take (continuous runtime)")
 
 
-def make_runner(args: argparse.Namespace, model, seed: int, sync, on_step_end):
+def make_runner(args: argparse.Namespace, model: DeepseekV3, seed: int, sync: StepSync,
+                on_step_end: Callable[[int], None] | None) -> Runner | ContinuousRunner:
     """The runner `--runtime` names, configured from the flags; both share one surface (`generate`, `stats`)."""
-    from engine.cb_runner import ContinuousConfig, ContinuousRunner
-    from engine.runner import Runner, RunnerConfig
-
     if args.runtime == "static":
         return Runner(model, RunnerConfig(args.max_running_requests, args.max_prefill_tokens, seed), sync=sync,
                       on_step_end=on_step_end)

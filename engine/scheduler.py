@@ -11,8 +11,9 @@ decode batches, and admitting as soon as pages allow fills the batch fastest; st
 steps keep the absorbed attention path and the low-latency dispatch (under DP attention the whole job shares a
 step's mode anyway). Chunking bounds a step's activations and lets a prompt longer than the budget in.
 
-Memory: a request is admitted only when the pages of its first chunk are free, plus one page for each running
-request so the very next decode step has room. When a decode step still cannot get a page for every request, the
+Memory: a request is admitted only when the pages of its chunk are free, plus one page for each request that will
+decode next step (those decoding now and those completing their prompt in this step), so admission alone does not
+force the next decode into retraction. When a decode step still cannot get a page for every request, the
 most recently admitted requests are retracted: their pages are freed and they go back to the front of the waiting
 queue, keeping their generated tokens, which are re-prefilled with the prompt when they are admitted again.
 The oldest request is never retracted for a younger one, so it always progresses: the job terminates.
