@@ -95,6 +95,11 @@ class Scheduler:
     def seq(req: SchedRequest) -> list[int]:
         return req.input_ids + req.output_ids
 
+    @staticmethod
+    def seq_len(req: SchedRequest) -> int:
+        """len(seq(req)) without building the list (the scheduler asks for it of every request every step)."""
+        return len(req.input_ids) + len(req.output_ids)
+
     def next_step(self) -> Plan | None:
         """The next step's runs with their pages reserved, or None when nothing is left."""
         if self.done:
@@ -106,13 +111,13 @@ class Scheduler:
 
     def _decoders(self) -> list[SchedRequest]:
         """Running requests whose whole sequence but the last sampled token is cached."""
-        return [r for r in self.running if self.cached[r.rid] == len(self.seq(r)) - 1]
+        return [r for r in self.running if self.cached[r.rid] == self.seq_len(r) - 1]
 
     def _prefill(self) -> Plan | None:
         budget = self.config.chunked_prefill_size
         # Room for the next decode of every decoding request, so prefilling alone never forces a retraction.
         reserve = len(self._decoders())
-        partial = [r for r in self.running if self.cached[r.rid] < len(self.seq(r)) - 1]
+        partial = [r for r in self.running if self.cached[r.rid] < self.seq_len(r) - 1]
         if partial:
             # At most one, and the youngest: admission stops at a chunk that does not end its sequence.
             run = self._chunk(partial[0], budget, reserve)
@@ -152,16 +157,17 @@ class Scheduler:
 
     def _decode(self) -> Plan:
         # Retract youngest first until every decoding request's next token has its page.
-        while sum(self.cache.extra_pages(r.rid, len(self.seq(r))) for r in self._decoders()) > \
+        while sum(self.cache.extra_pages(r.rid, self.seq_len(r)) for r in self._decoders()) > \
                 self.cache.num_free_pages:
             if len(self.running) == 1:
                 raise RuntimeError("a lone request cannot get a page, though its length was checked when added")
             self.retract(self.running[-1])
         runs = []
         for req in self._decoders():
-            seq = self.seq(req)
-            self.cache.reserve(req.rid, len(seq))
-            runs.append(Run(req, len(seq) - 1, seq[-1:], sample=True))
+            n = self.seq_len(req)
+            self.cache.reserve(req.rid, n)
+            # The last token: usually the last sampled one, or a prompt's last when its chunk stopped just short.
+            runs.append(Run(req, n - 1, [(req.output_ids or req.input_ids)[-1]], sample=True))
         if not runs:
             raise RuntimeError("no request can prefill or decode: the scheduler's page accounting is off")
         return Plan(False, runs)
