@@ -226,3 +226,36 @@ def test_dp_attention_ranks_under_torchrun(tiny_checkpoint, tmp_path):
         env={**os.environ, "OMP_NUM_THREADS": "1"}, check=False)
     assert run.returncode == 0, run.stderr
     assert [json.loads(x)["output_ids"] for x in run.stdout.strip().splitlines()] == [r.output_ids for r in want]
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_random_workloads_finish_with_exact_accounting(seed):
+    """Random prompts, lengths, page sizes and tight caches: every request ends with exactly its new tokens, pages
+    held plus free always equal the pool, each token is cached once per admission, and the pool ends full."""
+    g = torch.Generator().manual_seed(seed)
+
+    def rand(lo, hi):
+        return int(torch.randint(lo, hi + 1, (1,), generator=g))
+
+    page_size = rand(1, 5)
+    reqs = [Req(i, [1] * rand(1, 30), rand(1, 12)) for i in range(rand(1, 12))]
+    longest = max(r.max_tokens for r in reqs)
+    c = cache(num_pages=-(-longest // page_size) + rand(0, 6), page_size=page_size)
+    sched = Scheduler(SchedulerConfig(max_running_requests=rand(1, 8), chunked_prefill_size=rand(1, 20)), c)
+    for r in reqs:
+        sched.add(r)
+    steps = 0
+    while (plan := sched.next_step()) is not None:
+        held = sum(len(c.pages_of(r.rid)) for r in sched.running)
+        assert held + c.num_free_pages == c.num_pages
+        assert len(sched.running) <= sched.config.max_running_requests
+        for run in plan.runs:
+            assert len(c.pages_of(run.req.rid)) * page_size >= run.start + len(run.tokens)
+            assert run.tokens == Scheduler.seq(run.req)[run.start : run.start + len(run.tokens)]
+        if plan.prefill:
+            assert sum(len(run.tokens) for run in plan.runs) <= sched.config.chunked_prefill_size
+        finish_step(sched, plan)
+        steps += 1
+        assert steps < 10_000
+    assert all(r.finished and len(r.output_ids) == r.new for r in reqs)
+    assert c.num_free_pages == c.num_pages and sched.done
