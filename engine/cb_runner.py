@@ -90,10 +90,11 @@ class ContinuousRunner:
         return max(sum(-(-r.max_tokens // p) for r in requests), 1)
 
     def _cache_for(self, requests: list[Request]) -> PagedLatentKVCache:
-        pages = self._num_pages(requests)
-        # Sized once, except on the CPU without --max-total-tokens, where a later, larger job grows it.
-        if self.cache is None or (self.config.max_total_tokens is None and self.model.device.type != "cuda"
-                                  and self.cache.num_pages < pages):
+        # Sized once (from the flags, or from the free memory before the cache takes it), except on the CPU without
+        # --max-total-tokens, where a later, larger job grows it.
+        grows = self.config.max_total_tokens is None and self.model.device.type != "cuda"
+        if self.cache is None or (grows and self.cache.num_pages < self._num_pages(requests)):
+            pages = self._num_pages(requests)
             self.cache = None  # free the old buffer before taking the new one
             cfg = self.model.cfg
             self.cache = PagedLatentKVCache(cfg.num_hidden_layers, pages, self.config.page_size, cfg.kv_cache_dim,
