@@ -82,6 +82,7 @@ def build_model(
     attention_backend: str = "auto",
     dispatch_algorithm: str = "static",
     fp8_weights: bool | None = None,
+    page_size: int = 1,
 ) -> DeepseekV3:
     """Reads (or makes up, for `load_format="dummy"`) this rank's weights and builds the model on `device`;
     decode attention runs through `attention_backend` (`--attention-backend`). fp8_weights: keep an FP8
@@ -114,4 +115,4 @@ def build_model(
              len(experts), cfg.n_routed_experts, device, str(dtype).removeprefix("torch."))
     return DeepseekV3(cfg, weights, device=device, placement=placement, ep_rank=ep_rank, ep_size=ep_size,
                       dispatcher=dispatcher, attention_backend=attention_backend,
-                      dispatch_algorithm=dispatch_algorithm)
+                      dispatch_algorithm=dispatch_algorithm, page_size=page_size)

@@ -111,6 +111,8 @@ def build_parallel_model(args: argparse.Namespace, source: ModelSource, par: Eng
                         ep_rank=par.rank, ep_size=par.world_size, dispatcher=par.dispatcher(cfg, placement, dtype),
                         seed=args.seed, progress=par.is_main, attention_backend=args.attention_backend,
                         dispatch_algorithm=eplb.dispatch_algorithm,
-                        fp8_weights={"auto": None, "on": True, "off": False}[args.fp8_weights])
+                        fp8_weights={"auto": None, "on": True, "off": False}[args.fp8_weights],
+                        # The static runner's batches hold one token per page; the continuous runtime's, --page-size.
+                        page_size=args.page_size if args.runtime == "continuous" else 1)
     group = par.state.group if par.state else None
     return model, EplbManager(model, eplb, rank=par.rank, world=par.world_size, nnodes=nnodes, group=group)

@@ -45,7 +45,8 @@ class DeepseekV3:
     placement: which logical expert fills each physical slot (trivial: slot = expert); rank `ep_rank` of `ep_size`
     holds slots `[ep_rank * P/ep_size, (ep_rank + 1) * P/ep_size)`. `weights` must hold those experts; tensors are
     consumed from it as layers are built. attention_backend: decode attention by name (`kernels.attention_backend`:
-    auto, flashinfer, triton, torch; auto is the torch reference on the CPU).
+    auto, flashinfer, triton, torch; auto is the torch reference on the CPU), reading a KV cache of `page_size`-token
+    pages (the page size of the runtime's batches).
     """
 
     def __init__(
@@ -60,6 +61,7 @@ class DeepseekV3:
         dispatcher: Dispatcher | None = None,
         attention_backend: str = "auto",
         dispatch_algorithm: str = "static",
+        page_size: int = 1,
     ) -> None:
         self.cfg = cfg
         self.device = torch.device(device)
@@ -73,7 +75,7 @@ class DeepseekV3:
                         dispatcher=self.dispatcher, dispatch_algorithm=dispatch_algorithm)
         self.attention_backend = create_attention_backend(
             attention_backend, device=self.device, dtype=self.dtype, kv_lora_rank=cfg.kv_lora_rank,
-            rope_dim=cfg.qk_rope_head_dim)
+            rope_dim=cfg.qk_rope_head_dim, page_size=page_size)
         self.layers = [DecoderLayer(cfg, weights, i, rope, moe_args, self.attention_backend)
                        for i in range(cfg.num_hidden_layers)]
         self.norm = RMSNorm(take(weights, "model.norm.weight"), cfg.rms_norm_eps)
