@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from engine.build import ModelSource, build_model
-from engine.presets import tiny, v3
+from engine.presets import tiny
 from engine.runner import Request, Runner
 from engine.sampling import SamplingParams
 

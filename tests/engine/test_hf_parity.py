@@ -16,7 +16,6 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from engine.build import ModelSource, build_model
-from engine.config import ModelConfig
 from engine.presets import tiny
 from engine.runner import Request, Runner
 from engine.sampling import SamplingParams

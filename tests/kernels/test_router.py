@@ -1,6 +1,5 @@
 """Grouped top-k routing against a direct reading of the official rule."""
 
-import itertools
 
 import torch
 
