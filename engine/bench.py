@@ -7,6 +7,7 @@ stdout: a result table, then one JSON line (also appended to `--result-filename`
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -15,12 +16,14 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from tqdm import tqdm
 
 from engine.build import ModelSource, pick_dtype
 from engine.distributed import EngineParallel, build_parallel_model
+from engine.dp_balance import assign_ranks
 from engine.cli_args import add_model_args, make_runner, setup_logging
 from engine.errors import WideepError, run_cli
 from engine.runner import Request
@@ -41,6 +44,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--disable-ignore-eos", action="store_true", help="stop a request at its end-of-sequence token")
     p.add_argument("--warmup-requests", type=int, default=1, help="requests run once before timing")
     p.add_argument("--result-filename", help="append the result JSON line to this file")
+    p.add_argument("--profile", metavar="DIR",
+                   help="record the timed run with the torch profiler; each rank writes DIR/trace_rank<R>.json "
+                        "(open in chrome://tracing or Perfetto)")
     args = p.parse_args(argv)
     for flag in ("num_prompts", "random_input_len", "random_output_len"):
         if getattr(args, flag) < 1:
@@ -89,6 +95,20 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+@contextlib.contextmanager
+def profiled(folder: str | None, rank: int, device: torch.device) -> Iterator[None]:
+    """Records the enclosed run with the torch profiler into `folder/trace_rank<rank>.json` (nothing without one)."""
+    if folder is None:
+        yield
+        return
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
+        yield
+    prof.export_chrome_trace(str(Path(folder) / f"trace_rank{rank}.json"))
+
+
 def print_table(result: dict) -> None:
     rows = [
         ("Backend", "wideep"),
@@ -132,6 +152,8 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging()
     if args.result_filename and not Path(args.result_filename).resolve().parent.is_dir():
         raise WideepError(f"--result-filename {args.result_filename}: its directory does not exist")
+    if args.profile and not Path(args.profile).is_dir():
+        raise WideepError(f"--profile {args.profile}: no such directory; create it first")
     source = ModelSource.resolve(args.model, args.num_layers)
     par = EngineParallel.start(args)
     try:
@@ -151,15 +173,17 @@ def run_bench(args: argparse.Namespace, source: ModelSource, par: EngineParallel
         warm = random_requests(argparse.Namespace(**{**vars(args), "num_prompts": args.warmup_requests,
                                                      "random_output_len": 4}), vocab, args.seed + 1)
         runner.generate(warm)
-    # Every rank draws the same prompts and takes every world_size-th one (DP attention, round robin).
-    requests = random_requests(args, vocab, args.seed)[par.rank :: par.world_size]
+    # Every rank draws the same prompts and takes its share (DP attention, --load-balance-method).
+    everyone = random_requests(args, vocab, args.seed)
+    owner = assign_ranks([r.max_tokens for r in everyone], par.world_size, args.load_balance_method)
+    requests = [r for r, rank in zip(everyone, owner) if rank == par.rank]
     runner.stats = type(runner.stats)()
     eplb.recorder.reset()  # the warm-up's load is not the benchmark's
     total_out = sum(r.params.max_new_tokens for r in requests)
     sync(device)
     par.sync.barrier()
     with tqdm(total=total_out, desc="bench (rank 0)", unit="tok", file=sys.stderr, dynamic_ncols=True,
-              disable=not par.is_main) as bar:
+              disable=not par.is_main) as bar, profiled(args.profile, par.rank, device):
         start = time.perf_counter()
         runner.generate(requests, on_step=bar.update)
         sync(device)
@@ -215,6 +239,7 @@ def run_bench(args: argparse.Namespace, source: ModelSource, par: EngineParallel
             "retractions": stats0.retractions, "kv_cache_pages": stats0.num_pages,
             "kv_cache_peak_use": stats0.peak_kv_use} if args.runtime == "continuous" else {}),
         "world_size": world,
+        "load_balance_method": args.load_balance_method,
         "ep_size": par.config.ep_size,
         "moe_a2a_backend": par.config.a2a_backend,
         "deepep_mode": par.config.deepep_mode,

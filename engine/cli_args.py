@@ -42,6 +42,8 @@ def add_model_args(parser: argparse.ArgumentParser, default_model: str | None = 
 
 def add_runtime_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("runtime")
+    g.add_argument("--load-balance-method", choices=["round_robin", "shortest_queue"], default="round_robin",
+                   help="how requests are spread over data-parallel attention ranks (shortest_queue balances tokens)")
     g.add_argument("--runtime", choices=["static", "continuous"], default="static",
                    help="static: fixed batches run to the end; continuous: continuous batching over a paged KV cache "
                         "with chunked prefill and retraction")

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from engine.build import ModelSource, pick_dtype
 from engine.distributed import EngineParallel, build_parallel_model
+from engine.dp_balance import assign_ranks
 from engine.cli_args import add_model_args, make_runner, setup_logging
 from engine.errors import WideepError, run_cli
 from engine.runner import Request
@@ -113,8 +114,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         setup_logging(par.rank)
         model, eplb = build_parallel_model(args, source, par, pick_dtype(args.dtype, par.device))
-        # DP attention: prompt i runs on rank i mod world (prompt 0, whose logits --logits-out wants, on rank 0).
-        mine = [Request(i, ids, params) for i, ids in enumerate(prompts) if i % par.world_size == par.rank]
+        # DP attention: prompts spread by --load-balance-method (prompt 0, whose logits --logits-out wants, always
+        # lands on rank 0: both methods give it the first rank).
+        owner = assign_ranks([len(ids) + params.max_new_tokens for ids in prompts], par.world_size,
+                             args.load_balance_method)
+        mine = [Request(i, ids, params) for i, ids in enumerate(prompts) if owner[i] == par.rank]
         runner = make_runner(args, model, args.seed + par.rank, par.sync, eplb.on_step_end)
         runner.generate(mine, prompt_logits=bool(args.logits_out))
         eplb.dump()

@@ -124,7 +124,8 @@ def test_generate_cli_under_torchrun(ckpt, reference, tmp_path):
     prompts.write_text("".join(json.dumps({"input_ids": p}) + "\n" for p in UNEVEN))
     run = _torchrun(3, "-m", "engine.generate", "--model", str(ckpt), "--prompts-file", str(prompts),
                     "--max-new-tokens", str(NEW), "--ignore-eos", "--ep-size", "3", "--enable-dp-attention",
-                    "--moe-a2a-backend", "torch", "--dtype", "float32", "--device", "cpu")
+                    "--moe-a2a-backend", "torch", "--dtype", "float32", "--device", "cpu",
+                    "--load-balance-method", "shortest_queue")
     assert run.returncode == 0, run.stderr
     lines = [json.loads(x) for x in run.stdout.strip().splitlines()]
     assert [x["output_ids"] for x in lines] == [reference["uneven"][i][0] for i in range(len(UNEVEN))]
