@@ -61,25 +61,41 @@ class ForwardBatch:
         device: torch.device | str,
     ) -> "ForwardBatch":
         """new_tokens[b]: tokens to run for sequence b; seq_slots[b]: `[prefix + new]` cache slots of all its tokens."""
-        extend = [len(t) for t in new_tokens]
-        lens = [p + n for p, n in zip(prefix_lens, extend)]
-        width = max(lens, default=0)
-        table = torch.zeros(len(lens), width, dtype=torch.int64)
+        lens = [p + len(t) for p, t in zip(prefix_lens, new_tokens)]
+        table = torch.zeros(len(lens), max(lens, default=0), dtype=torch.int64)
         for b, slots in enumerate(seq_slots):
             table[b, : lens[b]] = slots[: lens[b]]
+        out = [s for b, slots in enumerate(seq_slots) for s in slots[prefix_lens[b] : lens[b]].tolist()]
+        return cls.assemble(new_tokens, prefix_lens, table, out, device)
+
+    @classmethod
+    def assemble(
+        cls,
+        new_tokens: list[list[int]],
+        prefix_lens: list[int],
+        page_table: torch.Tensor,
+        out_slots: list[int],
+        device: torch.device | str,
+        page_size: int = 1,
+    ) -> "ForwardBatch":
+        """The batch from its cache layout (page_table `[B, max_pages]` on the host, out_slots per new token) and
+        tokens: flattened ids and positions, lengths, and the decode flag, moved to `device`."""
+        extend = [len(t) for t in new_tokens]
+        lens = [p + n for p, n in zip(prefix_lens, extend)]
         ids = [t for toks in new_tokens for t in toks]
         pos = [p + i for p, n in zip(prefix_lens, extend) for i in range(n)]
-        out = [s for b, slots in enumerate(seq_slots) for s in slots[prefix_lens[b] : lens[b]].tolist()]
+        decode = bool(extend) and all(n == 1 for n in extend) and all(p > 0 for p in prefix_lens)
         return cls(
             input_ids=torch.tensor(ids, dtype=torch.int64).to(device),
             positions=torch.tensor(pos, dtype=torch.int64).to(device),
-            out_slots=torch.tensor(out, dtype=torch.int64).to(device),
+            out_slots=torch.tensor(out_slots, dtype=torch.int64).to(device),
             extend_lens=extend,
             prefix_lens=list(prefix_lens),
-            page_table=table.to(device),
+            page_table=page_table.to(device),
             seq_lens=torch.tensor(lens, dtype=torch.int64).to(device),
-            decode=(decode := bool(extend) and all(n == 1 for n in extend) and all(p > 0 for p in prefix_lens)),
+            decode=decode,
             mode="decode" if decode else "prefill",
+            page_size=page_size,
         )
 
     @classmethod

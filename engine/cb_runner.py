@@ -19,7 +19,7 @@ from engine.batch import ForwardBatch
 from engine.errors import WideepError
 from engine.model import DeepseekV3
 from engine.paged_cache import PagedLatentKVCache, pages_for_memory
-from engine.runner import Request, StepStats
+from engine.runner import Request, StepStats, check_requests
 from engine.sampling import sample
 from engine.scheduler import Plan, Scheduler, SchedulerConfig
 from parallel.step_sync import LocalStepSync, StepSync
@@ -109,13 +109,7 @@ class ContinuousRunner:
         on_step: Callable[[int], None] | None = None,
     ) -> list[Request]:
         """Runs `requests` (this rank's share; possibly none) to completion, joining every step of the job."""
-        for r in requests:
-            if not r.input_ids:
-                raise WideepError(f"request {r.rid} has an empty prompt; give at least one token")
-            bad = [t for t in r.input_ids if not 0 <= t < self.model.cfg.vocab_size]
-            if bad:
-                raise WideepError(f"request {r.rid}: token id {bad[0]} outside the vocabulary [0, "
-                                  f"{self.model.cfg.vocab_size})")
+        check_requests(requests, self.model.cfg.vocab_size)
         on_step = on_step or (lambda n: None)
         cache = self._cache_for(requests)
         sched = Scheduler(SchedulerConfig(self.config.max_running_requests, self.config.chunked_prefill_size), cache)

@@ -98,8 +98,7 @@ class PagedLatentKVCache:
         the new tokens are written to.
         """
         p = self.page_size
-        extend = [len(t) for t in new_tokens]
-        lens = [a + n for a, n in zip(prefix_lens, extend)]
+        lens = [a + len(t) for a, t in zip(prefix_lens, new_tokens)]
         width = max((self.pages_needed(n) for n in lens), default=0)
         table = torch.zeros(len(rids), width, dtype=torch.int64)
         out: list[int] = []
@@ -109,18 +108,4 @@ class PagedLatentKVCache:
                 raise RuntimeError(f"request {rid} holds {len(pages)} pages, needs {self.pages_needed(lens[b])}")
             table[b, : len(pages)] = torch.tensor(pages, dtype=torch.int64)
             out.extend(pages[t // p] * p + t % p for t in range(prefix_lens[b], lens[b]))
-        ids = [t for toks in new_tokens for t in toks]
-        pos = [a + i for a, n in zip(prefix_lens, extend) for i in range(n)]
-        decode = bool(extend) and all(n == 1 for n in extend) and all(a > 0 for a in prefix_lens)
-        return ForwardBatch(
-            input_ids=torch.tensor(ids, dtype=torch.int64).to(device),
-            positions=torch.tensor(pos, dtype=torch.int64).to(device),
-            out_slots=torch.tensor(out, dtype=torch.int64).to(device),
-            extend_lens=extend,
-            prefix_lens=list(prefix_lens),
-            page_table=table.to(device),
-            seq_lens=torch.tensor(lens, dtype=torch.int64).to(device),
-            decode=decode,
-            mode="decode" if decode else "prefill",
-            page_size=p,
-        )
+        return ForwardBatch.assemble(new_tokens, prefix_lens, table, out, device, page_size=p)

@@ -80,6 +80,16 @@ class _Step:
     batch: ForwardBatch
 
 
+def check_requests(requests: list[Request], vocab_size: int) -> None:
+    """Every prompt non-empty and inside the vocabulary, or one message naming the request."""
+    for r in requests:
+        if not r.input_ids:
+            raise WideepError(f"request {r.rid} has an empty prompt; give at least one token")
+        bad = [t for t in r.input_ids if not 0 <= t < vocab_size]
+        if bad:
+            raise WideepError(f"request {r.rid}: token id {bad[0]} outside the vocabulary [0, {vocab_size})")
+
+
 def _prefill_groups(reqs: list[Request], budget: int) -> Iterator[list[Request]]:
     """Consecutive groups of requests whose prompts total at most `budget` tokens (a longer prompt runs alone)."""
     group: list[Request] = []
@@ -124,13 +134,7 @@ class Runner:
         on_step: Callable[[int], None] | None = None,
     ) -> list[Request]:
         """Runs `requests` (this rank's share; possibly none) to completion, joining every step of the job."""
-        for r in requests:
-            if not r.input_ids:
-                raise WideepError(f"request {r.rid} has an empty prompt; give at least one token")
-            bad = [t for t in r.input_ids if not 0 <= t < self.model.cfg.vocab_size]
-            if bad:
-                raise WideepError(f"request {r.rid}: token id {bad[0]} outside the vocabulary [0, "
-                                  f"{self.model.cfg.vocab_size})")
+        check_requests(requests, self.model.cfg.vocab_size)
         on_step = on_step or (lambda n: None)
         plan = self._plan(requests)
         while True:
