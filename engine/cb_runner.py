@@ -19,8 +19,7 @@ from engine.batch import ForwardBatch
 from engine.errors import WideepError
 from engine.model import DeepseekV3
 from engine.paged_cache import PagedLatentKVCache, pages_for_memory
-from engine.runner import Request, StepStats, check_requests
-from engine.sampling import sample
+from engine.runner import Request, StepStats, check_requests, sample_next
 from engine.scheduler import Plan, Scheduler, SchedulerConfig
 from parallel.step_sync import LocalStepSync, StepSync
 
@@ -73,7 +72,6 @@ class ContinuousRunner:
         self.sync = sync or LocalStepSync()
         self.on_step_end = on_step_end
         self.eos = model.cfg.eos_token_id
-        self.generator = torch.Generator(device=model.device).manual_seed(config.seed)
         self.stats = ContinuousStats()
         self.cache: PagedLatentKVCache | None = None
         self._step = 0
@@ -178,7 +176,7 @@ class ContinuousRunner:
         """logits: `[len(reqs), vocab]` float32 of each request's last token."""
         if not reqs:
             return
-        tokens = sample(logits, [r.params for r in reqs], self.generator).tolist()
+        tokens = sample_next(reqs, logits, self.config.seed)
         for r, tok in zip(reqs, tokens):
             r.output_ids.append(tok)
             done = len(r.output_ids) >= r.params.max_new_tokens

@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         owner = assign_ranks([len(ids) + params.max_new_tokens for ids in prompts], par.world_size,
                              args.load_balance_method)
         mine = [Request(i, ids, params) for i, ids in enumerate(prompts) if owner[i] == par.rank]
-        runner = make_runner(args, model, args.seed + par.rank, par.sync, eplb.on_step_end)
+        runner = make_runner(args, model, args.seed, par.sync, eplb.on_step_end)
         runner.generate(mine, prompt_logits=bool(args.logits_out))
         eplb.dump()
         gathered = par.sync.gather([(r.rid, r.output_ids) for r in mine])

@@ -20,7 +20,7 @@ import torch
 from engine.batch import ForwardBatch
 from engine.errors import WideepError
 from engine.model import DeepseekV3
-from engine.sampling import SamplingParams, sample
+from engine.sampling import SamplingParams, request_seed, sample
 from parallel.step_sync import LocalStepSync, StepSync
 
 
@@ -36,6 +36,13 @@ class Request:
     @property
     def max_tokens(self) -> int:
         return len(self.input_ids) + self.params.max_new_tokens
+
+
+def sample_next(reqs: list[Request], logits: torch.Tensor, job_seed: int) -> list[int]:
+    """The next token of each request from its last logits `[len(reqs), vocab]` float32, seeded per request (its own
+    seed, or one derived from `job_seed` and its id), so the draw does not depend on the batch or the rank."""
+    seeds = [r.params.seed if r.params.seed is not None else request_seed(job_seed, r.rid) for r in reqs]
+    return sample(logits, [r.params for r in reqs], seeds, [len(r.output_ids) for r in reqs]).tolist()
 
 
 @dataclass(frozen=True)
@@ -116,7 +123,6 @@ class Runner:
         self.sync = sync or LocalStepSync()
         self.on_step_end = on_step_end
         self.eos = model.cfg.eos_token_id
-        self.generator = torch.Generator(device=model.device).manual_seed(config.seed)
         self.stats = StepStats()
         self._cache = None
         self._step = 0
@@ -200,7 +206,7 @@ class Runner:
         on_step(len(step.reqs))
 
     def _append(self, reqs: list[Request], logits: torch.Tensor) -> None:
-        tokens = sample(logits, [r.params for r in reqs], self.generator).tolist()
+        tokens = sample_next(reqs, logits, self.config.seed)
         for r, tok in zip(reqs, tokens):
             r.output_ids.append(tok)
             done = len(r.output_ids) >= r.params.max_new_tokens
