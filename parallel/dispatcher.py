@@ -28,7 +28,8 @@ StepMode = Literal["prefill", "decode"]
 class DispatchedTokens:
     """Tokens as they reach this rank's expert slots, in one of the two layouts the expert GEMMs take.
 
-    contiguous: hidden `[N, H]`, rows grouped by local slot in slot order; `tokens_per_expert[e]` rows each.
+    contiguous: hidden `[N', H]`, rows grouped by local slot in slot order; `tokens_per_expert[e]` rows each, and
+    past their sum N <= N', padding rows that the experts need not compute (a static-shape dispatch has them).
     masked: hidden `[E_local, max_m, H]`; only the first `tokens_per_expert[e]` rows of slot e are valid.
     tokens_per_expert: `[E_local]` int64, on the device of `hidden`.
     scales: FP8 dispatch only: per-token 1x128 scales, `[N, H/128]` or `[E_local, max_m, H/128]` float32.
@@ -52,15 +53,20 @@ class RowMap:
     weights: torch.Tensor
 
     def weighted_sum(self, y_rows: torch.Tensor) -> torch.Tensor:
-        """y_rows: `[N, H]` -> `[T, H]` in y's dtype, summed in k order (fp32 accumulation)."""
+        """y_rows: `[N, H]` -> `[T, H]` in y's dtype, summed in k order (fp32 accumulation).
+
+        Rows of `y_rows` that no (token, k) pair points at are never read into the sum, so they may hold anything
+        (the static-shape local dispatch leaves its unrouted rows unwritten by the expert kernels).
+        """
         t, k = self.row.shape
         out = torch.zeros(t, y_rows.shape[-1], dtype=torch.float32, device=y_rows.device)
         if y_rows.shape[0] == 0:  # every pair was -1 (or this rank had no tokens): nothing to gather
             return out.to(y_rows.dtype)
         for j in range(k):
             r = self.row[:, j]
-            valid = r >= 0
-            picked = y_rows[r.clamp(min=0)].float() * (self.weights[:, j] * valid).unsqueeze(-1)
+            valid = (r >= 0).unsqueeze(-1)
+            # where, not a multiply by the mask: an unread row may be NaN, and NaN * 0 is NaN.
+            picked = torch.where(valid, y_rows[r.clamp(min=0)].float() * self.weights[:, j].unsqueeze(-1), 0.0)
             out += picked
         return out.to(y_rows.dtype)
 
@@ -68,21 +74,30 @@ class RowMap:
 def group_by_slot(
     topk_ids: torch.Tensor, num_slots: int, slot_offset: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Sort (token, k) pairs that target slots `[slot_offset, slot_offset + num_slots)` by slot.
+    """Sort all (token, k) pairs by slot, those that target slots `[slot_offset, slot_offset + num_slots)` first.
 
     topk_ids: `[T, K]` int64 physical ids, -1 for none.
-    Returns (token_index `[N]` int64, tokens_per_slot `[num_slots]` int64, row `[T, K]` int64 -1 where not local).
+    Returns (token_index `[T * K]` int64, the token of each sorted pair: the N local pairs in slot order (flat
+    (token, k) order within a slot), then the other pairs; tokens_per_slot `[num_slots]` int64, summing to N;
+    row `[T, K]` int64, each local pair's place in the sorted order, -1 where not local).
+
+    Every shape depends on T and K only and nothing is read on the host, so the grouping can be captured in a CUDA
+    graph: the expert kernels compute the first N rows (the contiguous grouped GEMM reads the counts on the device)
+    and combine never reads the rest.
     """
     t, k = topk_ids.shape
-    flat = topk_ids.reshape(-1) - slot_offset
-    local = (topk_ids.reshape(-1) >= 0) & (flat >= 0) & (flat < num_slots)
-    pairs = local.nonzero().squeeze(1)
-    order = torch.argsort(flat[pairs], stable=True)
-    pairs = pairs[order]
-    row = torch.full((t * k,), -1, dtype=torch.int64, device=topk_ids.device)
-    row[pairs] = torch.arange(pairs.numel(), device=topk_ids.device)
-    counts = torch.bincount(flat[pairs], minlength=num_slots)[:num_slots]
-    return pairs // k, counts, row.view(t, k)
+    flat = topk_ids.reshape(-1)
+    slot = flat - slot_offset
+    local = (flat >= 0) & (slot >= 0) & (slot < num_slots)
+    key = torch.where(local, slot, num_slots)  # [T*K] non-local pairs share the key past the last slot
+    order = torch.argsort(key, stable=True)  # [T*K] flat pair at each sorted place
+    place = torch.empty_like(order)
+    place[order] = torch.arange(order.numel(), device=order.device)
+    row = torch.where(local, place, -1)
+    # scatter_add, not bincount: bincount sizes its output from the data, a device sync.
+    counts = torch.zeros(num_slots + 1, dtype=torch.int64, device=topk_ids.device)
+    counts.scatter_add_(0, key, torch.ones_like(key))
+    return order // max(k, 1), counts[:num_slots], row.view(t, k)
 
 
 class Dispatcher(ABC):
@@ -114,6 +129,26 @@ class Dispatcher(ABC):
 
     def close(self) -> None:
         """Frees communication buffers (a collective for backends that own some: every rank calls it)."""
+
+    # ---- CUDA graphs (engine.cuda_graph) ----------------------------------------------------------------------
+
+    def graph_unsupported(self, mode: StepMode) -> str | None:
+        """Why this backend's `mode` steps cannot be captured in a CUDA graph (None: they can: no host sync, and
+        shapes that depend only on the number of tokens). The default is the conservative answer."""
+        return f"the {type(self).__name__} reads token counts on the host during dispatch"
+
+    @property
+    def graph_max_tokens(self) -> int | None:
+        """The most tokens one rank may bring to a captured step (None: no limit of the backend's own)."""
+        return None
+
+    def before_graph_replay(self, mode: StepMode) -> None:
+        """Host-side work a `mode` step needs before its graph is replayed (the eager dispatch does it itself)."""
+
+    def agree_max(self, value: int) -> int:
+        """The largest `value` over the ranks this dispatcher exchanges tokens with; a collective for backends that
+        span ranks (every rank calls it), so that all of them capture the same graphs."""
+        return value
 
     def dispatch(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, mode: StepMode = "prefill"):
         return self.dispatch_wait(self.dispatch_start(x, topk_ids, topk_weights, mode))
@@ -152,6 +187,9 @@ class LocalDispatcher(Dispatcher):
 
     def __init__(self, num_local_slots: int, **_: Any) -> None:
         self.num_local_slots = num_local_slots
+
+    def graph_unsupported(self, mode: StepMode) -> str | None:
+        return None  # static shapes, no host sync (group_by_slot)
 
     def dispatch_start(self, x, topk_ids, topk_weights, mode="prefill"):
         token_index, counts, row = group_by_slot(topk_ids, self.num_local_slots)
