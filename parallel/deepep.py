@@ -16,7 +16,10 @@ Two kernel families, chosen per step by `--deepep-mode` (`deepep_layout.uses_low
 - low-latency (decode): `low_latency_dispatch` hands the masked layout `[L, M, H]` (FP8 with per-token 1x128
   scales by default, or bf16) plus counts; `low_latency_combine` applies the top-k weights itself (fp32 over k in
   top-k order, rounded once). Start/wait are the kernel's send and `return_recv_hook` receive halves. No host sync;
-  a rank with more than `max_dispatch_tokens_per_rank` tokens is refused with a `WideepError`.
+  a rank with more than `max_dispatch_tokens_per_rank` tokens is refused with a `WideepError`. Every shape and
+  every host value on this path comes from T (a tensor's shape) or the configuration, never from a tensor's
+  contents, so decode steps can be captured in CUDA graphs (`engine.cuda_graph`); the one host-side step, cleaning
+  the buffer after a multi-node normal step, runs before each replay (`before_graph_replay`).
 The handles go back to the caller. The one piece of state kept between calls is the buffer's: whether a multi-node
 normal step used the RDMA buffer that low-latency kernels need cleaned (`DeepEPBuffer`).
 """
@@ -245,6 +248,28 @@ class DeepEPDispatcher(Dispatcher):
         """Free the DeepEP buffer this dispatcher built (collective: every rank calls it on a clean shutdown)."""
         if self._owns_buffer:
             self.buffer.destroy()
+
+    # ---- CUDA graphs --------------------------------------------------------------------------------------------
+
+    def graph_unsupported(self, mode: str) -> str | None:
+        if uses_low_latency(self.deepep_mode, mode):
+            return None
+        return (f"DeepEP's normal kernels (--deepep-mode {self.deepep_mode} in {mode} steps) read the received "
+                "counts on the host")
+
+    @property
+    def graph_max_tokens(self) -> int:
+        return self.max_dispatch_tokens_per_rank
+
+    def before_graph_replay(self, mode: str) -> None:
+        if uses_low_latency(self.deepep_mode, mode):
+            self.buffer.before_low_latency()
+
+    def agree_max(self, value: int) -> int:
+        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(self.group) == "nccl" else "cpu"
+        t = torch.tensor([value], dtype=torch.int64, device=device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
+        return int(t.item())
 
     # ---- dispatch -----------------------------------------------------------------------------------------------
 

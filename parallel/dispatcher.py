@@ -14,8 +14,9 @@ backend or EP size, so the summation order (and so the rounding) does not depend
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 import torch
 
