@@ -2,6 +2,9 @@
 
 With no arguments it runs the built-in tiny DeepSeek-V3-shaped model with dummy weights on random prompts.
 stdout: a result table, then one JSON line (also appended to `--result-filename`); logs and progress on stderr.
+
+After the timed run, a short eager pass measures where step time goes (`--step-breakdown`, engine.step_timer).
+With `--enable-eplb` the decode throughput before and after the timed run's first rebalance is reported too.
 """
 
 from __future__ import annotations
@@ -10,24 +13,34 @@ import argparse
 import contextlib
 import datetime
 import json
+import logging
+import math
 import os
 import platform
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Iterator
 
 import torch
 from tqdm import tqdm
 
+from engine import step_timer
 from engine.build import ModelSource, pick_dtype
+from engine.cli_args import add_model_args, make_runner, setup_logging
 from engine.distributed import EngineParallel, build_parallel_model
 from engine.dp_balance import assign_ranks
-from engine.cli_args import add_model_args, make_runner, setup_logging
 from engine.errors import WideepError, run_cli
+from engine.model import DeepseekV3
 from engine.runner import Request
 from engine.sampling import SamplingParams
+from engine.step_timer import CATEGORIES, StepTimer
+
+log = logging.getLogger("wideep")
+# Output tokens per request in the breakdown pass: enough decode steps to average over, short enough that the pass
+# costs little next to the timed run (the context, and so decode attention, stays near the prompt length).
+BREAKDOWN_OUTPUT_LEN = 16
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -35,15 +48,25 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(p, default_model="tiny")
     d = p.add_argument_group("dataset")
-    d.add_argument("--dataset-name", default="random", choices=["random"])
+    d.add_argument("--dataset-name", default="random", choices=["random", "skewed"],
+                   help="random: token ids uniform over the vocabulary; skewed: Zipf-distributed token ids (which "
+                        "skew expert load, for EPLB runs); both take the --random-* length flags")
     d.add_argument("--num-prompts", type=int, default=32)
     d.add_argument("--random-input-len", type=int, default=128)
     d.add_argument("--random-output-len", type=int, default=32)
     d.add_argument("--random-range-ratio", type=float, default=0.0,
                    help="lengths are drawn uniformly from [ratio * len, len] (1.0: all exactly len)")
+    d.add_argument("--skew-exponent", type=float, default=1.2,
+                   help="skewed dataset: the k-th most frequent token has probability proportional to k^-exponent")
     p.add_argument("--disable-ignore-eos", action="store_true", help="stop a request at its end-of-sequence token")
     p.add_argument("--warmup-requests", type=int, default=1, help="requests run once before timing")
     p.add_argument("--result-filename", help="append the result JSON line to this file")
+    p.add_argument("--step-breakdown", action=argparse.BooleanOptionalAction, default=True,
+                   help="after the timed run, re-run one batch per rank (the first prompts, "
+                        f"{BREAKDOWN_OUTPUT_LEN} output tokens) eagerly with CUDA events around attention, expert "
+                        "GEMMs, dispatch and combine, and report their shares of prefill and decode step time. A "
+                        "separate pass because the events add host work to every layer and CUDA graphs hide the "
+                        "spans: the timed throughput stays untouched")
     p.add_argument("--profile", metavar="DIR",
                    help="record the timed run with the torch profiler; each rank writes DIR/trace_rank<R>.json "
                         "(open in chrome://tracing or Perfetto)")
@@ -53,11 +76,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             raise WideepError(f"--{flag.replace('_', '-')} must be >= 1, found {getattr(args, flag)}")
     if not 0.0 <= args.random_range_ratio <= 1.0:
         raise WideepError(f"--random-range-ratio must lie in [0, 1], found {args.random_range_ratio}")
+    if not (math.isfinite(args.skew_exponent) and args.skew_exponent > 0.0):
+        raise WideepError(f"--skew-exponent must be a positive number, found {args.skew_exponent}")
     return args
 
 
 def random_requests(args: argparse.Namespace, vocab: int, seed: int) -> list[Request]:
-    """Random token prompts with lengths drawn as sglang's random dataset draws them."""
+    """Prompts of `--dataset-name`, with lengths drawn as sglang's random dataset draws them; the same for a seed.
+
+    random: token ids uniform over `[0, vocab)`. skewed: token ids from a Zipf law, `P(k-th most frequent) ~
+    k^-skew_exponent`, the frequency ranks spread over the vocabulary by a seeded permutation (so the most frequent
+    token is no special token). With dummy weights a repeated token routes alike, so skewed prompts load a few
+    experts more than the rest.
+    """
     g = torch.Generator().manual_seed(seed)
 
     def lengths(full: int) -> list[int]:
@@ -65,9 +96,17 @@ def random_requests(args: argparse.Namespace, vocab: int, seed: int) -> list[Req
         return torch.randint(low, full + 1, (args.num_prompts,), generator=g).tolist()
 
     inputs, outputs = lengths(args.random_input_len), lengths(args.random_output_len)
+    if args.dataset_name == "skewed":
+        token_of_rank = torch.randperm(vocab, generator=g)
+        weights = torch.arange(1, vocab + 1, dtype=torch.float64).pow(-args.skew_exponent)
+
+        def draw(n: int) -> list[int]:
+            return token_of_rank[torch.multinomial(weights, n, replacement=True, generator=g)].tolist()
+    else:
+        def draw(n: int) -> list[int]:
+            return torch.randint(0, vocab, (n,), generator=g).tolist()
     return [
-        Request(i, torch.randint(0, vocab, (n_in,), generator=g).tolist(),
-                SamplingParams(max_new_tokens=n_out, ignore_eos=not args.disable_ignore_eos))
+        Request(i, draw(n_in), SamplingParams(max_new_tokens=n_out, ignore_eos=not args.disable_ignore_eos))
         for i, (n_in, n_out) in enumerate(zip(inputs, outputs))
     ]
 
@@ -78,7 +117,7 @@ def git_commit() -> str:
         return os.environ["WIDEEP_COMMIT"]
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
-                             cwd=Path(__file__).resolve().parent)
+                             cwd=Path(__file__).resolve().parent, check=False)
         return out.stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
@@ -109,6 +148,11 @@ def profiled(folder: str | None, rank: int, device: torch.device) -> Iterator[No
     prof.export_chrome_trace(str(Path(folder) / f"trace_rank{rank}.json"))
 
 
+def format_shares(shares: dict[str, float]) -> str:
+    """Attention, experts, dispatch + combine and the rest, as whole percentages."""
+    return " / ".join(f"{100 * shares[k]:.0f}%" for k in ("attention", "experts", "dispatch_combine", "rest"))
+
+
 def print_table(result: dict) -> None:
     rows = [
         ("Backend", "wideep"),
@@ -127,8 +171,20 @@ def print_table(result: dict) -> None:
         ("Prefill / decode time, rank 0 (s)", f"{result['prefill_s']:.2f} / {result['decode_s']:.2f}"),
         ("Mean decode step (ms)", f"{result['mean_decode_step_ms']:.2f}"),
         ("Mean decode batch", f"{result['mean_decode_batch']:.1f}"),
-        ("Weights on device (GB)", f"{result['weight_bytes'] / 1e9:.3f}"),
+        ("Weights / KV cache per rank, max (GB)", (f"{max(result['weight_bytes_per_rank']) / 1e9:.3f} / "
+                                                   f"{max(result['kv_cache_bytes_per_rank']) / 1e9:.3f}")),
     ]
+    if result["num_gpus"]:
+        rows.append(("Peak memory per rank, max (GB)", f"{max(result['peak_memory_per_rank']) / 1e9:.3f}"))
+    for mode, shares in result.get("step_breakdown", {}).items():
+        rows.append((f"{mode.capitalize()} attn/experts/a2a/rest, r0", format_shares(shares)))
+        if result["world_size"] > 1:
+            rows.append((f"{mode.capitalize()} shares, max over ranks",
+                         format_shares(result["step_breakdown_max"][mode])))
+    if "throughput_before_rebalance" in result:
+        after = result.get("throughput_after_rebalance")
+        rows.append(("Decode tok/s before / after rebalance", f"{result['throughput_before_rebalance']:.1f} / "
+                                                              + ("-" if after is None else f"{after:.1f}")))
     if result["runtime"] == "continuous":
         rows += [
             ("Peak running requests, rank 0", result["peak_running_requests"]),
@@ -163,11 +219,137 @@ def main(argv: list[str] | None = None) -> int:
         par.close()
 
 
+class StepHooks:
+    """The runner's end-of-step callback in the bench: closes the step timer's step, logs decode work of the timed
+    run (`decode_log`: job-wide step -> (output tokens, seconds) on this rank, from the runner's stats) and passes
+    the step on to EPLB, except in the breakdown pass (which must neither record load nor rebalance)."""
+
+    def __init__(self, eplb_on_step_end: Callable[[int], None]) -> None:
+        self.eplb_on_step_end = eplb_on_step_end
+        self.runner = None  # set once the runner exists: its stats give each step's decode work
+        self.timer: StepTimer | None = None
+        self.logging = False
+        self.decode_log: dict[int, tuple[int, float]] = {}
+        self._seen = (0, 0.0)
+
+    def start_log(self) -> None:
+        self.logging, self.decode_log = True, {}
+        self._seen = (self.runner.stats.decode_tokens, self.runner.stats.decode_s)
+
+    def __call__(self, step: int) -> None:
+        if self.timer is not None:
+            self.timer.end_step()
+            return
+        if self.logging:
+            stats = self.runner.stats
+            tokens, seconds = stats.decode_tokens - self._seen[0], stats.decode_s - self._seen[1]
+            if tokens:
+                self.decode_log[step] = (tokens, seconds)
+            self._seen = (stats.decode_tokens, stats.decode_s)
+        self.eplb_on_step_end(step)
+
+
+def rebalance_windows(decode_log: dict[int, tuple[int, float]], rebalance_steps: list[int]) -> list[float] | None:
+    """This rank's decode work around the timed run's first rebalance: `[tokens, seconds]` of the decode steps up to
+    and including the rebalancing step, then `[tokens, seconds]` of those after it up to the next rebalance (or the
+    end). None when no rebalance fell inside the logged steps."""
+    steps = sorted(decode_log)
+    inside = [s for s in rebalance_steps if steps and steps[0] <= s <= steps[-1]]
+    if not inside:
+        return None
+    first, nxt = inside[0], next((s for s in rebalance_steps if s > inside[0]), math.inf)
+    before = [decode_log[s] for s in steps if s <= first]
+    after = [decode_log[s] for s in steps if first < s <= nxt]
+    return [sum(t for t, _ in before), sum(x for _, x in before), sum(t for t, _ in after), sum(x for _, x in after)]
+
+
+@contextlib.contextmanager
+def timed_steps(model: DeepseekV3, timer: StepTimer) -> Iterator[None]:
+    """Activates `timer` and opens one of its steps at every forward of `model` (the step's mode is the batch's);
+    `StepHooks` closes it at the end of the step, so a step's time includes sampling."""
+    forward = model.forward
+
+    def opening_a_step(batch, *rest, **kwargs):
+        timer.begin_step(batch.mode)
+        return forward(batch, *rest, **kwargs)
+
+    model.forward = opening_a_step  # an instance attribute over the method, for this pass only
+    try:
+        with step_timer.activate(timer):
+            yield
+    finally:
+        del model.forward
+
+
+def breakdown_pass(args: argparse.Namespace, model: DeepseekV3, par: EngineParallel, hooks: StepHooks,
+                   everyone: list[Request]) -> dict:
+    """Re-runs the first prompts (one batch per rank, BREAKDOWN_OUTPUT_LEN output tokens) on an eager runner with a
+    step timer. Returns this rank's `{"shares": {mode: shares}, "steps": {mode: n}, "mean_step_ms": {mode: ms}}`.
+
+    The runner is built with `disable_cuda_graph` set, which an entry point's `--disable-cuda-graph` flag sets; when
+    the runner has no such switch this is eager anyway. A mode whose steps showed no span at all (replayed graphs
+    run no Python) is left out with a warning.
+    """
+    n = min(len(everyone), par.world_size * args.max_running_requests)
+    again = [Request(r.rid, r.input_ids, SamplingParams(max_new_tokens=min(r.params.max_new_tokens,
+                                                                           BREAKDOWN_OUTPUT_LEN),
+                                                        ignore_eos=r.params.ignore_eos)) for r in everyone[:n]]
+    owner = assign_ranks([r.max_tokens for r in again], par.world_size, args.load_balance_method)
+    eager = argparse.Namespace(**{**vars(args), "disable_cuda_graph": True})
+    runner = make_runner(eager, model, args.seed + par.rank, par.sync, hooks)
+    timer = StepTimer(par.device)
+    hooks.timer = timer
+    try:
+        with timed_steps(model, timer):
+            runner.generate([r for r, rank in zip(again, owner) if rank == par.rank])
+    finally:
+        hooks.timer = None
+    shares = {}
+    for mode in timer.steps:
+        got = timer.shares(mode)
+        if got is not None and sum(got[c] for c in CATEGORIES) == 0.0:
+            log.warning("step breakdown: %d %s steps ran without any timed span (CUDA graphs?); left out",
+                        timer.steps[mode], mode)
+        elif got is not None:
+            shares[mode] = got
+    return {"shares": shares, "steps": dict(timer.steps),
+            "mean_step_ms": {m: timer.mean_step_ms(m) for m in timer.steps if timer.steps[m]}}
+
+
+def kv_cache_bytes(runner) -> int:
+    """Bytes of the runner's KV cache buffer (0 before it has one): `cache` of the continuous runner, `_cache` of
+    the static one, which exposes it no other way."""
+    cache = getattr(runner, "cache", None) or getattr(runner, "_cache", None)
+    buffer = getattr(cache, "buffer", None)
+    return 0 if buffer is None else buffer.numel() * buffer.element_size()
+
+
+def rebalance_throughput(windows: list[list[float] | None]) -> dict:
+    """Job-wide decode output tokens/s before and after the timed run's first rebalance, from every rank's
+    `rebalance_windows` (tokens summed over ranks, over the slowest rank's seconds); empty without a rebalance."""
+    if any(w is None for w in windows):
+        return {}
+    before_s, after_s = max(w[1] for w in windows), max(w[3] for w in windows)
+    out = {"throughput_before_rebalance": sum(w[0] for w in windows) / before_s if before_s > 0 else 0.0}
+    if after_s > 0:  # a rebalance after the last decode step leaves nothing after it
+        out["throughput_after_rebalance"] = sum(w[2] for w in windows) / after_s
+    return out
+
+
+def step_breakdown(per_rank: list[dict]) -> dict:
+    """Rank 0's step-time shares per mode, the largest share of each over ranks, and how the pass ran on rank 0."""
+    return {"step_breakdown": per_rank[0]["shares"],
+            "step_breakdown_max": step_timer.max_shares([r["shares"] for r in per_rank]),
+            "step_breakdown_pass": {"output_len": BREAKDOWN_OUTPUT_LEN, "steps": per_rank[0]["steps"],
+                                    "mean_step_ms": per_rank[0]["mean_step_ms"]}}
+
+
 def run_bench(args: argparse.Namespace, source: ModelSource, par: EngineParallel) -> int:
     device = par.device
     dtype = pick_dtype(args.dtype, device)
     model, eplb = build_parallel_model(args, source, par, dtype)
-    runner = make_runner(args, model, args.seed + par.rank, par.sync, eplb.on_step_end)
+    hooks = StepHooks(eplb.on_step_end)
+    runner = hooks.runner = make_runner(args, model, args.seed + par.rank, par.sync, hooks)
     vocab = source.cfg.vocab_size
     if args.warmup_requests:
         warm = random_requests(argparse.Namespace(**{**vars(args), "num_prompts": args.warmup_requests,
@@ -180,6 +362,7 @@ def run_bench(args: argparse.Namespace, source: ModelSource, par: EngineParallel
     runner.stats = type(runner.stats)()
     eplb.recorder.reset()  # the warm-up's load is not the benchmark's
     total_out = sum(r.params.max_new_tokens for r in requests)
+    hooks.start_log()
     sync(device)
     par.sync.barrier()
     with tqdm(total=total_out, desc="bench (rank 0)", unit="tok", file=sys.stderr, dynamic_ncols=True,
@@ -189,6 +372,7 @@ def run_bench(args: argparse.Namespace, source: ModelSource, par: EngineParallel
         sync(device)
         par.sync.barrier()
         latency = time.perf_counter() - start
+    hooks.logging = False
 
     mine = {
         "input": sum(len(r.input_ids) for r in requests),
@@ -196,9 +380,17 @@ def run_bench(args: argparse.Namespace, source: ModelSource, par: EngineParallel
         "finished": sum(r.finished for r in requests),
         "stats": runner.stats,
         "weight_bytes": model.weight_bytes(),
+        "kv_cache_bytes": kv_cache_bytes(runner),
         "peak_memory": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0,
+        "rebalance_windows": rebalance_windows(hooks.decode_log, [r.step for r in eplb.reports]),
     }
     eplb.dump()
+    if args.step_breakdown:
+        hooks.runner = None
+        del runner  # its KV cache goes before the breakdown runner sizes its own
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        mine["breakdown"] = breakdown_pass(args, model, par, hooks, everyone)
     ranks = par.sync.gather(mine)
     if not par.is_main:
         return 0
@@ -222,6 +414,8 @@ def run_bench(args: argparse.Namespace, source: ModelSource, par: EngineParallel
         "mean_decode_step_ms": stats0.mean_decode_step_ms,
         "mean_decode_batch": stats0.mean_decode_batch,
         "weight_bytes": ranks[0]["weight_bytes"],
+        "weight_bytes_per_rank": [r["weight_bytes"] for r in ranks],
+        "kv_cache_bytes_per_rank": [r["kv_cache_bytes"] for r in ranks],
         "peak_memory_per_rank": [r["peak_memory"] for r in ranks],
         "model": source.name,
         "num_layers": source.cfg.num_hidden_layers,
@@ -229,6 +423,8 @@ def run_bench(args: argparse.Namespace, source: ModelSource, par: EngineParallel
         "fp8_weights": any(layer.weights.w13_scale is not None for layer in model.moe_layers()),
         "load_format": args.load_format,
         "dtype": str(dtype).removeprefix("torch."),
+        "dataset_name": args.dataset_name,
+        **({"skew_exponent": args.skew_exponent} if args.dataset_name == "skewed" else {}),
         "num_prompts": args.num_prompts,
         "random_input_len": args.random_input_len,
         "random_output_len": args.random_output_len,
@@ -249,6 +445,8 @@ def run_bench(args: argparse.Namespace, source: ModelSource, par: EngineParallel
              "balancedness_after": r.balancedness_after, "mb_received_rank0": r.bytes_received / 1e6,
              "mean_layer_ms": 1e3 * sum(r.per_layer_seconds) / max(len(r.per_layer_seconds), 1)}
             for r in eplb.reports],
+        **rebalance_throughput([r["rebalance_windows"] for r in ranks]),
+        **(step_breakdown([r["breakdown"] for r in ranks]) if args.step_breakdown else {}),
         "seed": args.seed,
         "device": device_name(device),
         "num_gpus": world if device.type == "cuda" else 0,

@@ -11,6 +11,7 @@ from typing import MutableMapping
 import torch
 import torch.nn.functional as F
 
+from engine import step_timer
 from engine.attention import MLAttention
 from engine.batch import ForwardBatch
 from engine.config import ModelConfig
@@ -34,7 +35,10 @@ class DecoderLayer:
         self.mlp = MoE(cfg, weights, layer, **moe_args) if self.moe else MLP(weights, p + ".mlp")
 
     def __call__(self, x: torch.Tensor, batch: ForwardBatch, kv_cache: torch.Tensor, cos_sin) -> torch.Tensor:
-        x = x + self.attn(self.input_norm(x), batch, kv_cache, cos_sin)
+        h = self.input_norm(x)
+        with step_timer.scope("attention"):
+            h = self.attn(h, batch, kv_cache, cos_sin)
+        x = x + h
         h = self.post_attn_norm(x)
         return x + (self.mlp(h, batch.positions, batch.mode) if self.moe else self.mlp(h))
 

@@ -6,12 +6,13 @@ code runs on one process (local dispatcher) and across ranks (torch all-to-all, 
 
 from __future__ import annotations
 
+from collections.abc import MutableMapping
 from dataclasses import dataclass
-from typing import MutableMapping
 
 import torch
 import torch.nn.functional as F
 
+from engine import step_timer
 from engine.config import ModelConfig
 from engine.layers import FP8_BLOCK, FP8_COMPUTE_DTYPE, MLP, Linear, take
 from engine.weights import SCALE_SUFFIX
@@ -141,8 +142,14 @@ class MoE:
     def __call__(self, x: torch.Tensor, positions: torch.Tensor, mode: str = "prefill") -> torch.Tensor:
         """x: `[T, H]`, positions: `[T]`; mode: the step's job-wide mode, for the dispatcher -> `[T, H]`."""
         ids, weights = self.route(x, positions)
-        tokens, handle = self.dispatcher.dispatch(x, ids, weights, mode)
-        out = self.dispatcher.combine(self.experts(tokens), handle)
+        # Each span holds both halves (start, then wait): the compute stream's wait is where the communication's
+        # time shows.
+        with step_timer.scope("dispatch"):
+            tokens, handle = self.dispatcher.dispatch(x, ids, weights, mode)
+        with step_timer.scope("experts"):
+            y = self.experts(tokens)
+        with step_timer.scope("combine"):
+            out = self.dispatcher.combine(y, handle)
         if self.shared is not None:
             out = out + self.shared(x)
         return out
