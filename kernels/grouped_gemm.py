@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, replace
 from typing import Literal
 
@@ -31,7 +32,13 @@ _LAYOUT_CODE = {"dense": 0, "contiguous": 1, "masked": 2}  # kernels.triton.gemm
 class TileConfig:
     """One program computes a `block_m x block_n` output tile, stepping K by `block_k`; `group_m` row tiles share a
     column sweep (L2 reuse); `num_stages` loads in flight (software pipelining); `num_warps` per program.
-    tma: fetch A and B tiles with Hopper's bulk copy engine (when the strides allow; pointers otherwise)."""
+    tma: fetch A and B tiles with Hopper's bulk copy engine (when the strides allow; pointers otherwise).
+    persistent: 0, one program per output tile; p > 0, p programs per multiprocessor, each walking the tiles of
+    every expert in turn (`gemm_persistent_kernel`). flatten (persistent only): pipeline the tile loop and the K
+    loop as one, so the next tile's loads start during the current tile. warp_specialize: ask Triton to split the
+    loop (the K loop, or the tile loop when persistent) into producer and consumer warps; a compiler that cannot
+    fails to compile it (`scripts/sweep_gemm.py` reports that and goes on).
+    FP8 needs block_k == 128 and block_n dividing 128 or a multiple of 128 (one weight scale per column then)."""
 
     block_m: int
     block_n: int
@@ -40,6 +47,18 @@ class TileConfig:
     num_warps: int = 4
     num_stages: int = 4
     tma: bool = False
+    persistent: int = 0
+    flatten: bool = False
+    warp_specialize: bool = False
+
+    def short(self) -> str:
+        """A compact name: `128x128x128 w8 s4 tma p1 flat ws`."""
+        extra = [f"g{self.group_m}"] if self.group_m != 8 else []
+        extra += ["tma"] if self.tma else []
+        extra += [f"p{self.persistent}"] if self.persistent else []
+        extra += ["flat"] if self.flatten and self.persistent else []
+        extra += ["ws"] if self.warp_specialize else []
+        return " ".join([f"{self.block_m}x{self.block_n}x{self.block_k} w{self.num_warps} s{self.num_stages}", *extra])
 
 
 # (largest rows per expert, config), first match wins; from `scripts/bench_kernels.py --tune` on an H100 at the
@@ -71,6 +90,13 @@ def pick_tile(fp8: bool, rows_per_expert: int, n: int, k: int) -> TileConfig:
     return cfg
 
 
+@functools.cache
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 3  # the interpreter: a few programs, each walking several tiles
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def _descriptor(t: torch.Tensor, block: tuple[int, int]):
     """A 2-D bulk-copy descriptor over `t` viewed as `[rows, K]`, or None where the copy engine cannot address it
     (it needs 16-byte aligned base and row stride)."""
@@ -93,7 +119,7 @@ def run_gemm(
     "masked": a `[E, max_m, K]`, b `[E, N, K]`, out `[E, max_m, N]`. expected_m (masked): rows per expert to size
     the grid for; each program then walks its row tiles, so any count up to max_m is still covered.
     """
-    from kernels.triton.gemm import gemm_kernel
+    from kernels.triton.gemm import gemm_kernel, gemm_persistent_kernel
 
     ensure_runnable(a.device)
     fp8 = a_scale is not None
@@ -104,8 +130,8 @@ def run_gemm(
     masked = layout == "masked"
     cfg = config
     if fp8:
-        require(cfg.block_k == ACT_GROUP and ACT_GROUP % cfg.block_n == 0,
-                f"FP8 tiles need block_k == 128 and block_n dividing 128, got {cfg}")
+        require(cfg.block_k == ACT_GROUP and (ACT_GROUP % cfg.block_n == 0 or cfg.block_n % ACT_GROUP == 0),
+                f"FP8 tiles need block_k == 128 and block_n dividing 128 or a multiple of it, got {cfg}")
     num_n = -(-n // cfg.block_n)
     row_tiles = -(-rows // cfg.block_m)
     m_slots = row_tiles
@@ -137,15 +163,25 @@ def run_gemm(
     b_strides = lead(b, grouped)
     bs_strides = ((b_scale.stride(0) if grouped else 0), b_scale.stride(-2), b_scale.stride(-1)) if fp8 else (0, 0, 0)
     c_strides = lead(out, masked)
-    gemm_kernel[(programs,)](
-        a_src, a_scale, b_src, b_scale, out, counts,
-        num_experts, rows, m_slots, n, k,
-        *a_strides, *as_strides, *b_strides, *bs_strides, *c_strides,
-        LAYOUT=_LAYOUT_CODE[layout], FP8=fp8, BLOCK_E=max(16, 1 << (num_experts - 1).bit_length()),
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
-        EVEN_K=k % cfg.block_k == 0, WIDEN=a.dtype == torch.bfloat16 and interpreting(),
-        TMA=a_src is not a, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
+    common = {
+        "LAYOUT": _LAYOUT_CODE[layout], "FP8": fp8, "BLOCK_E": max(16, 1 << (num_experts - 1).bit_length()),
+        "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "BLOCK_K": cfg.block_k, "GROUP_M": cfg.group_m,
+        "EVEN_K": k % cfg.block_k == 0, "WIDEN": a.dtype == torch.bfloat16 and interpreting(),
+        "TMA": a_src is not a, "WS": cfg.warp_specialize, "num_warps": cfg.num_warps, "num_stages": cfg.num_stages,
+    }
+    strides = (*a_strides, *as_strides, *b_strides, *bs_strides, *c_strides)
+    if cfg.persistent:
+        # A bound on the tile count from the shapes alone (no host sync): never launch more programs than that.
+        tiles = (num_experts * row_tiles if masked else row_tiles + (num_experts if grouped else 0)) * num_n
+        grid = max(1, min(tiles, cfg.persistent * _num_sms(a.device)))
+        gemm_persistent_kernel[(grid,)](
+            a_src, a_scale, b_src, b_scale, out, counts, num_experts, rows, n, k, *strides,
+            FLATTEN=cfg.flatten, **common,
+        )
+    else:
+        gemm_kernel[(programs,)](
+            a_src, a_scale, b_src, b_scale, out, counts, num_experts, rows, m_slots, n, k, *strides, **common,
+        )
     return out
 
 
@@ -246,7 +282,7 @@ def grouped_mlp(
     require(two_i % 2 == 0, f"w13 holds gate rows then up rows: its dim 1 must be even, got {tuple(w13.shape)}")
     check_shape(w2, "w2", (e, h, two_i // 2))
     masked_m = tokens_per_expert if layout == "masked" else None
-    gemm = dict(expected_m=expected_m)
+    gemm = {"expected_m": expected_m}
     if hidden_scale is not None and not fp8:
         tokens_hidden = dequantize_act(tokens_hidden, hidden_scale, w13.dtype)
     if fp8:

@@ -14,8 +14,15 @@ Row layouts (`LAYOUT`):
 
 FP8: A and B are e4m3 with fp32 scales, A's per row per 128 columns of K (`a_scale[.., row, k // 128]`), B's per
 128x128 block (`b_scale[e, n // 128, k // 128]`). BLOCK_K is 128, so each K step multiplies one fresh fp32 tile
-product by one scale per row times one scale per program (BLOCK_N divides 128) before adding it to the accumulator;
-the tensor cores' reduced-precision fp8 accumulation never spans more than one scale block.
+product by its scales before adding it to the accumulator; the tensor cores' reduced-precision fp8 accumulation never
+spans more than one scale block. When BLOCK_N divides 128 the program's columns share one weight scale, folded into
+the row scales first (one fused multiply-add per element); a BLOCK_N of 256 (twice the work per loaded A tile) takes
+one weight scale per column (two distinct values), one multiply more per element.
+
+Persistent (`gemm_persistent_kernel`): a fixed grid of about one or two programs per multiprocessor walks every
+output tile of every expert, `(expert, row tile, column tile)` found on the device from the counts, so the last wave
+is never half empty and, with FLATTEN, the loads of a program's next tile are issued while it finishes the current
+one (the K loop and the tile loop are pipelined as one loop; short K loops, as in decode, keep the memory busy).
 
 TMA: A and B arrive as host-made tensor descriptors (2-D: A `[rows, K]`, B `[E * N, K]`) and tiles are fetched by
 Hopper's bulk copy engine, zero-filled past the edges; otherwise through pointers (cp.async), with rows past an
@@ -68,13 +75,14 @@ def _gemm_tile(
     stride_be, stride_bn, stride_bse, stride_bsn, stride_bsk,
     stride_ce, stride_cm,
     FP8: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    EVEN_K: tl.constexpr, WIDEN: tl.constexpr, TMA: tl.constexpr,
+    EVEN_K: tl.constexpr, WIDEN: tl.constexpr, TMA: tl.constexpr, WS: tl.constexpr,
 ):
     """C rows `row0 + m0 ...` (of expert e, `count` valid rows) by columns of `tile_n`: the K loop and the store.
 
     a_row: first A row of the tile in the TMA descriptor's 2-D view. Each operand is addressed as one 64-bit base
     (expert, first row, first column) plus 32-bit offsets within the tile, which keeps the per-element address
-    arithmetic (and registers) small.
+    arithmetic (and registers) small. WS: ask Triton to warp-specialize the K loop (loads, MMAs and the scaling in
+    separate warps), where the compiler supports it.
     """
     idx_m = tl.arange(0, BLOCK_M)
     idx_n = tl.arange(0, BLOCK_N)
@@ -96,18 +104,30 @@ def _gemm_tile(
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if FP8:
         tl.static_assert(BLOCK_K == 128, "FP8 scales cover 128 columns of K: BLOCK_K must be 128")
-        tl.static_assert(128 % BLOCK_N == 0, "one B scale per program and K step: BLOCK_N must divide 128")
+        tl.static_assert(128 % BLOCK_N == 0 or BLOCK_N % 128 == 0,
+                         "FP8 weight scales: BLOCK_N must divide 128 or be a multiple of it")
         a_scale_ptrs = a_scale_ptr + e * stride_ase + first * stride_asm + in_m * stride_asm
-        b_scale_ptr = b_scale_ptr + e * stride_bse + (n0 // 128) * stride_bsn
-        for kb in range(0, num_k):
-            a, b = _load_step(a_src, b_src, a_ptrs, b_ptrs, a_row, b_row, kb, K, BLOCK_K, EVEN_K, TMA)
-            scale = tl.load(a_scale_ptrs + kb * stride_ask) * tl.load(b_scale_ptr + kb * stride_bsk)
-            acc += tl.dot(a, tl.trans(b)) * scale[:, None]
-            if not TMA:
-                a_ptrs += BLOCK_K
-                b_ptrs += BLOCK_K
+        if BLOCK_N <= 128:
+            b_scale_ptr = b_scale_ptr + e * stride_bse + (n0 // 128) * stride_bsn
+            for kb in tl.range(0, num_k, warp_specialize=WS):
+                a, b = _load_step(a_src, b_src, a_ptrs, b_ptrs, a_row, b_row, kb, K, BLOCK_K, EVEN_K, TMA)
+                scale = tl.load(a_scale_ptrs + kb * stride_ask) * tl.load(b_scale_ptr + kb * stride_bsk)
+                acc += tl.dot(a, tl.trans(b)) * scale[:, None]
+                if not TMA:
+                    a_ptrs += BLOCK_K
+                    b_ptrs += BLOCK_K
+        else:
+            b_scale_ptrs = b_scale_ptr + e * stride_bse + ((n0 + in_n) // 128) * stride_bsn
+            for kb in tl.range(0, num_k, warp_specialize=WS):
+                a, b = _load_step(a_src, b_src, a_ptrs, b_ptrs, a_row, b_row, kb, K, BLOCK_K, EVEN_K, TMA)
+                a_s = tl.load(a_scale_ptrs + kb * stride_ask)
+                b_s = tl.load(b_scale_ptrs + kb * stride_bsk)
+                acc += (tl.dot(a, tl.trans(b)) * a_s[:, None]) * b_s[None, :]
+                if not TMA:
+                    a_ptrs += BLOCK_K
+                    b_ptrs += BLOCK_K
     else:
-        for kb in range(0, num_k):
+        for kb in tl.range(0, num_k, warp_specialize=WS):
             a, b = _load_step(a_src, b_src, a_ptrs, b_ptrs, a_row, b_row, kb, K, BLOCK_K, EVEN_K, TMA)
             if WIDEN:
                 acc = tl.dot(a.to(tl.float32), tl.trans(b.to(tl.float32)), acc)
@@ -130,7 +150,7 @@ def gemm_kernel(
     stride_ce, stride_cm,
     LAYOUT: tl.constexpr, FP8: tl.constexpr, BLOCK_E: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    EVEN_K: tl.constexpr, WIDEN: tl.constexpr, TMA: tl.constexpr,
+    EVEN_K: tl.constexpr, WIDEN: tl.constexpr, TMA: tl.constexpr, WS: tl.constexpr = False,
 ):
     """C[rows of e] = A[rows of e] @ B[e]^T, fp32 accumulation, C in its own dtype.
 
@@ -152,7 +172,7 @@ def gemm_kernel(
             _gemm_tile(a_src, a_scale_ptr, b_src, b_scale_ptr, c_ptr, e, 0, m0, count, tile_n, e * rows + m0, N, K,
                        stride_ae, stride_am, stride_ase, stride_asm, stride_ask,
                        stride_be, stride_bn, stride_bse, stride_bsn, stride_bsk, stride_ce, stride_cm,
-                       FP8, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, WIDEN, TMA)
+                       FP8, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, WIDEN, TMA, WS)
     else:
         if LAYOUT == CONTIGUOUS:
             tile_m, tile_n = _tile_of(pid, tl.cdiv(rows, BLOCK_M) + num_experts, num_n, GROUP_M)
@@ -177,4 +197,55 @@ def gemm_kernel(
             _gemm_tile(a_src, a_scale_ptr, b_src, b_scale_ptr, c_ptr, e, row0, m0, count, tile_n, row0 + m0, N, K,
                        stride_ae, stride_am, stride_ase, stride_asm, stride_ask,
                        stride_be, stride_bn, stride_bse, stride_bsn, stride_bsk, stride_ce, stride_cm,
-                       FP8, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, WIDEN, TMA)
+                       FP8, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, WIDEN, TMA, WS)
+
+
+@triton.jit
+def gemm_persistent_kernel(
+    a_src, a_scale_ptr, b_src, b_scale_ptr, c_ptr, counts_ptr,
+    num_experts, rows, N, K,
+    stride_ae, stride_am, stride_ase, stride_asm, stride_ask,
+    stride_be, stride_bn, stride_bse, stride_bsn, stride_bsk,
+    stride_ce, stride_cm,
+    LAYOUT: tl.constexpr, FP8: tl.constexpr, BLOCK_E: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    EVEN_K: tl.constexpr, WIDEN: tl.constexpr, TMA: tl.constexpr,
+    FLATTEN: tl.constexpr, WS: tl.constexpr,
+):
+    """`gemm_kernel`'s product over a fixed grid of P programs, each walking tiles `pid, pid + P, ...`
+    of the list of every expert's output tiles (expert-major; within an expert, `_tile_of` order).
+
+    The per-expert tile counts come from `counts` (all rows when dense), so the tile list is exactly the non-empty
+    tiles and no program ever starts on nothing. FLATTEN pipelines the tile loop and the K loop as one; WS asks for
+    warp specialization of the tile loop.
+    """
+    pid = tl.program_id(0)
+    num_n = tl.cdiv(N, BLOCK_N)
+    offs_e = tl.arange(0, BLOCK_E)
+    if LAYOUT == DENSE:
+        counts = tl.where(offs_e == 0, rows, 0)
+    else:
+        counts = tl.load(counts_ptr + offs_e, mask=offs_e < num_experts, other=0).to(tl.int32)
+    tiles = (counts + BLOCK_M - 1) // BLOCK_M * num_n  # output tiles per expert
+    ends = tl.cumsum(tiles, 0)
+    total = tl.sum(tiles, 0)
+    for tile in tl.range(pid, total, tl.num_programs(0), flatten=FLATTEN, warp_specialize=WS):
+        # This tile's expert: how many experts' tiles all end at or before it (empty experts end where the one before
+        # them ends, so they are skipped).
+        e32 = tl.sum((ends <= tile).to(tl.int32), 0)
+        before = offs_e < e32
+        count = tl.sum(tl.where(offs_e == e32, counts, 0), 0)
+        local = tile - tl.sum(tl.where(before, tiles, 0), 0)
+        tile_m, tile_n = _tile_of(local, (count + BLOCK_M - 1) // BLOCK_M, num_n, GROUP_M)
+        m0 = tile_m * BLOCK_M
+        e = e32.to(tl.int64)
+        if LAYOUT == MASKED:
+            row0 = 0
+            a_row = e * rows + m0
+        else:
+            row0 = tl.sum(tl.where(before, counts, 0), 0)
+            a_row = row0 + m0
+        _gemm_tile(a_src, a_scale_ptr, b_src, b_scale_ptr, c_ptr, e, row0, m0, count, tile_n, a_row, N, K,
+                   stride_ae, stride_am, stride_ase, stride_asm, stride_ask,
+                   stride_be, stride_bn, stride_bse, stride_bsn, stride_bsk, stride_ce, stride_cm,
+                   FP8, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, WIDEN, TMA, False)
