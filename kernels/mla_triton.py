@@ -24,6 +24,10 @@ class MLADecodeConfig:
     read twice for 128 heads (the second time mostly from L2). Three stages let the page-table loads run a block
     ahead of the row gathers they feed; two 64-token buffers (72 KB each, beside 72 KB of queries) fill shared
     memory. `python scripts/bench_mla.py --sweep` times the alternatives.
+
+    lazy_rescale: keep each head's running max until it grows by more than 2^8 (the weights then stay below 256),
+    so that most token blocks skip rescaling the `[block_h, r]` fp32 accumulator (128 multiplies a thread a block
+    at the default tiling) and the MMA that follows does not wait on them; the result is the same up to rounding.
     """
 
     block_h: int = 64
@@ -31,6 +35,13 @@ class MLADecodeConfig:
     num_warps: int = 8
     num_stages: int = 3
     num_splits: int | None = None
+    lazy_rescale: bool = False
+
+    def short(self) -> str:
+        """A compact name: `h64 n64 w8 s3 splits=auto lazy`."""
+        lazy = " lazy" if self.lazy_rescale else ""
+        return (f"h{self.block_h} n{self.block_n} w{self.num_warps} s{self.num_stages} "
+                f"splits={self.num_splits or 'auto'}{lazy}")
 
 
 @functools.cache
@@ -133,6 +144,7 @@ def mla_decode_triton(
         RANK=r, ROPE_DIM=d_r, PAGE_SIZE=page_size,
         BLOCK_H=cfg.block_h, BLOCK_N=cfg.block_n, BLOCK_R=block_r, BLOCK_DR=block_dr,
         FINAL=final, DOT_PRECISION="ieee" if q_latent.dtype == torch.float32 else "tf32",
+        LAZY_RESCALE=cfg.lazy_rescale,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     if not final:

@@ -38,6 +38,7 @@ def mla_decode_split_kernel(
     BLOCK_DR: tl.constexpr,
     FINAL: tl.constexpr,  # one split per sequence: normalise and write the output directly
     DOT_PRECISION: tl.constexpr,  # "ieee" for float32 inputs: TF32 would lose the reference's precision
+    LAZY_RESCALE: tl.constexpr = False,  # rescale the accumulator only when a running max grows by > 2^8
 ):
     # Head blocks vary fastest in launch order, so the programs that share a chunk of latent rows run together
     # and all but the first find those rows in L2.
@@ -81,11 +82,23 @@ def mla_decode_split_kernel(
         s = tl.dot(q_rope, tl.trans(k_rope), acc=s, input_precision=DOT_PRECISION)
         s = tl.where(mask_n[None, :], s * scale_log2, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, axis=1))  # finite: every block holds at least one valid token
-        alpha = tl.exp2(m - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        row_sum = row_sum * alpha + tl.sum(p, axis=1)
-        acc = tl.dot(p.to(kv.dtype), kv, acc=acc * alpha[:, None], input_precision=DOT_PRECISION)
-        m = m_new
+        if LAZY_RESCALE:
+            # Keep the running max (and skip rescaling the [BLOCK_H, RANK] accumulator) unless some head's max grew
+            # by more than 2^8: the weights exp2(s - m) then stay below 256, exact enough in fp32 sums and bf16.
+            if tl.max(m_new - m, axis=0) > 8.0:
+                alpha = tl.exp2(m - m_new)
+                acc = acc * alpha[:, None]
+                row_sum = row_sum * alpha
+                m = m_new
+            p = tl.exp2(s - m[:, None])
+            row_sum += tl.sum(p, axis=1)
+            acc = tl.dot(p.to(kv.dtype), kv, acc=acc, input_precision=DOT_PRECISION)
+        else:
+            alpha = tl.exp2(m - m_new)
+            p = tl.exp2(s - m_new[:, None])
+            row_sum = row_sum * alpha + tl.sum(p, axis=1)
+            acc = tl.dot(p.to(kv.dtype), kv, acc=acc * alpha[:, None], input_precision=DOT_PRECISION)
+            m = m_new
 
     # A split past the end of its sequence saw no token: it writes zeros and a -inf weight, which the combine
     # kernel reads as "nothing here" (the buffers are not zeroed beforehand).
