@@ -99,6 +99,29 @@ class ForwardBatch:
         )
 
     @classmethod
+    def graph_decode(
+        cls,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        out_slots: torch.Tensor,
+        page_table: torch.Tensor,
+        seq_lens: torch.Tensor,
+        page_size: int,
+        max_seq_len: int,
+    ) -> "ForwardBatch":
+        """A decode batch over static buffers (`engine.cuda_graph`): one new token for each of B rows.
+
+        input_ids, positions, out_slots, seq_lens: `[B]` int64; page_table: `[B, max_pages]` int64; all on the
+        device, refilled in place before each replay. The host lists cannot follow the contents, so they carry the
+        bound the graph serves instead: every prefix is `max_seq_len - 1`, so `max_seq_len` sizes the rotary table
+        for any sequence the page table can hold. The decode forward reads lengths only from `seq_lens`.
+        """
+        b = input_ids.shape[0]
+        return cls(input_ids=input_ids, positions=positions, out_slots=out_slots, extend_lens=[1] * b,
+                   prefix_lens=[max_seq_len - 1] * b, page_table=page_table, seq_lens=seq_lens, decode=True,
+                   mode="decode", page_size=page_size)
+
+    @classmethod
     def empty(cls, device: torch.device | str, mode: str) -> "ForwardBatch":
         """No tokens: what an idle rank runs so that it still joins the step's collectives."""
         batch = cls.build([], [], [], device)

@@ -125,12 +125,13 @@ class DeepseekV3:
         """Runs the batch's new tokens, writing their latents to `kv_cache`.
 
         Returns float32 logits `[B, vocab]` for each sequence's last new token, or `[T, vocab]` for every new
-        token when `all_logits`.
+        token when `all_logits`. Decode batches (one new token per sequence, T == B) gather no rows, so their
+        forward builds no index on the host and can be captured in a CUDA graph.
         """
         x = F.embedding(batch.input_ids, self.embed)
         cos_sin = self.rope.lookup(batch.positions, batch.max_seq_len)
         for i, layer in enumerate(self.layers):
             x = layer(x, batch, kv_cache.layer(i), cos_sin)
-        if not all_logits:
+        if not all_logits and not batch.decode:
             x = x[batch.last_token_index]
         return F.linear(self.norm(x), self.lm_head).float()

@@ -32,9 +32,11 @@ def pages_for_memory(free_bytes: int, total_bytes: int, mem_fraction_static: flo
 
 
 class PagedLatentKVCache:
-    """buffer: `[layers, num_pages * page_size, kv_cache_dim]`; pages are allocated per request (`rid`).
+    """buffer: `[layers, (num_pages + 1) * page_size, kv_cache_dim]`; pages are allocated per request (`rid`).
 
-    Accounting is exact: `num_free_pages + sum(pages held) == num_pages` at all times.
+    Pages `0 .. num_pages - 1` are the requests'. One more, `scratch_page` (= num_pages), is never handed out: the
+    padding rows of a CUDA-graph decode batch (`engine.cuda_graph`) write their latents there and read only it.
+    Accounting is exact and ignores the scratch page: `num_free_pages + sum(pages held) == num_pages` at all times.
     """
 
     def __init__(self, num_layers: int, num_pages: int, page_size: int, dim: int, dtype: torch.dtype,
@@ -43,24 +45,30 @@ class PagedLatentKVCache:
             raise WideepError(f"--page-size must be >= 1, found {page_size}")
         if num_pages < 1:
             raise WideepError("the KV cache needs at least one page; raise --max-total-tokens")
-        self.buffer = torch.zeros(num_layers, num_pages * page_size, dim, dtype=dtype, device=device)
+        self.buffer = torch.zeros(num_layers, (num_pages + 1) * page_size, dim, dtype=dtype, device=device)
         self.page_size = page_size
         self.num_pages = num_pages
+        self.scratch_page = num_pages
         # A stack on the host: allocation is bookkeeping, not device work. Low page ids come out first.
         self._free: list[int] = list(range(num_pages - 1, -1, -1))
         self._pages: dict[int, list[int]] = {}
 
     @property
     def capacity(self) -> int:
-        """Token rows in all."""
+        """Token rows the requests may hold (the scratch page not counted)."""
         return self.num_pages * self.page_size
+
+    @property
+    def scratch_slot(self) -> int:
+        """The first slot of the scratch page: where a padding row writes its latent."""
+        return self.scratch_page * self.page_size
 
     @property
     def num_free_pages(self) -> int:
         return len(self._free)
 
     def layer(self, i: int) -> torch.Tensor:
-        """`[num_pages * page_size, kv_cache_dim]` view of layer i (what attention writes and reads)."""
+        """`[(num_pages + 1) * page_size, kv_cache_dim]` view of layer i (what attention writes and reads)."""
         return self.buffer[i]
 
     def pages_needed(self, num_tokens: int) -> int:
