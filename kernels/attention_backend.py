@@ -20,7 +20,7 @@ from engine.errors import WideepError
 from kernels.mla import mla_decode_torch, pages_to_slots
 
 ATTENTION_BACKENDS = ("flashinfer", "triton", "torch")  # the order `auto` tries them in
-_REGISTRY: dict[str, type["AttentionBackend"]] = {}
+_REGISTRY: dict[str, type[AttentionBackend]] = {}
 log = logging.getLogger("wideep")
 
 
@@ -53,6 +53,13 @@ class AttentionBackend(ABC):
     ) -> torch.Tensor:
         """q_latent: `[B, H, r]`; q_rope: `[B, H, d_r]`; kv_cache: `[slots, r + d_r]`; page_table: `[B, max_pages]`
         int64 page ids; seq_lens: `[B]` int64 (>= 1) -> `[B, H, r]` in q_latent's dtype."""
+
+    def plan_graph(self, page_table: torch.Tensor, seq_lens: torch.Tensor, *, num_heads: int, kv_lora_rank: int,
+                   rope_dim: int, scale: float, dtype: torch.dtype) -> None:
+        """Host-side preparation, outside any CUDA graph, for decode calls that read these very tensors inside one:
+        page_table `[B, max_pages]` int64 and seq_lens `[B]` int64, static buffers whose contents change between
+        replays and whose addresses never do. Called before capturing and before every replay, with their contents
+        for that replay. Default: nothing to prepare (the kernel reads everything on the device)."""
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(page_size={self.page_size})"
@@ -127,6 +134,9 @@ class FlashInferAttention(AttentionBackend):
 
     def decode(self, q_latent, q_rope, kv_cache, page_table, seq_lens, scale):
         return self._decode(q_latent, q_rope, kv_cache, page_table, seq_lens, scale)
+
+    def plan_graph(self, page_table, seq_lens, *, num_heads, kv_lora_rank, rope_dim, scale, dtype):
+        self._decode.plan_graph(page_table, seq_lens, num_heads, kv_lora_rank, rope_dim, scale, dtype)
 
 
 def create_attention_backend(

@@ -8,6 +8,9 @@ Only decode goes through flashinfer; prefill and extend keep `kernels.mla.mla_ex
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 import torch
 
 FLASHINFER_VERSION = "0.5.3"
@@ -25,6 +28,33 @@ def import_flashinfer():
     return flashinfer
 
 
+def _page_layout(page_table: torch.Tensor, seq_lens: torch.Tensor, page_size: int
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """flashinfer's view of a batch: (qo_indptr `[B + 1]`, kv_indptr `[B + 1]`, kv_indices `[pages used]`,
+    kv_lens `[B]`), all int32 on page_table's device. Reads the used pages by a mask: a device sync."""
+    b = page_table.shape[0]
+    dev = page_table.device
+    lens = seq_lens.to(torch.int32)
+    pages = (lens + page_size - 1) // page_size  # [B]
+    kv_indptr = torch.zeros(b + 1, dtype=torch.int32, device=dev)
+    kv_indptr[1:] = pages.cumsum(0)
+    used = torch.arange(page_table.shape[1], device=dev)[None, :] < pages[:, None]
+    kv_indices = page_table[used].to(torch.int32)  # row by row, as kv_indptr counts them
+    qo_indptr = torch.arange(b + 1, dtype=torch.int32, device=dev)  # one query token per sequence
+    return qo_indptr, kv_indptr, kv_indices, lens
+
+
+@dataclass
+class _GraphWrapper:
+    """A wrapper in flashinfer's CUDA-graph mode, bound to the static page_table `[B, max_pages]` and seq_lens `[B]`
+    of one captured batch size: its index buffers (`[B + 1]`, `[B * max_pages]`, `[B]` int32) never move, so a
+    graph captured over `run` stays valid while `plan` refills them before each replay."""
+
+    wrapper: Any
+    page_table: torch.Tensor
+    seq_lens: torch.Tensor
+
+
 class FlashInferMLADecode:
     """Callable `(q_latent, q_rope, kv_cache, page_table, seq_lens, scale) -> out`, shapes as `mla_decode_triton`.
 
@@ -32,6 +62,10 @@ class FlashInferMLADecode:
     `run`s. Every layer of one forward pass attends over the same page table, so the plan is made once, for the first
     layer, and reused while the same page_table and seq_lens tensors come back unchanged (same objects, same
     in-place version counters): a new batch, or an in-place edit of either tensor, plans again.
+
+    CUDA graphs: `plan_graph` binds a second wrapper, in flashinfer's cuda-graph mode, to the static page_table and
+    seq_lens of one batch size and plans it from their current contents (outside the graph); calls with exactly
+    those tensors then run on it without planning, as the captured graph does.
     """
 
     def __init__(self, device: torch.device | str, page_size: int = 1):
@@ -39,8 +73,10 @@ class FlashInferMLADecode:
         self.device = torch.device(device)
         self.page_size = page_size
         workspace = torch.empty(_WORKSPACE_BYTES, dtype=torch.int8, device=self.device)
+        self._workspace = workspace  # split-KV scratch, shared: eager and graph runs never overlap (one stream)
         self._wrapper = flashinfer.mla.BatchMLAPagedAttentionWrapper(workspace, backend="auto")
         self._planned: tuple | None = None  # (page_table, seq_lens, their versions and the shapes) of the plan
+        self._graphs: dict[int, _GraphWrapper] = {}  # by batch size
 
     def _plan(self, page_table, seq_lens, heads, r, d_r, scale, dtype) -> None:
         meta = (page_table._version, seq_lens._version, heads, r, d_r, scale, dtype)
@@ -48,18 +84,31 @@ class FlashInferMLADecode:
             planned_table, planned_lens, planned_meta = self._planned
             if planned_table is page_table and planned_lens is seq_lens and planned_meta == meta:
                 return
-        b = page_table.shape[0]
-        dev = page_table.device
-        lens = seq_lens.to(torch.int32)
-        pages = (lens + self.page_size - 1) // self.page_size  # [B]
-        kv_indptr = torch.zeros(b + 1, dtype=torch.int32, device=dev)
-        kv_indptr[1:] = pages.cumsum(0)
-        used = torch.arange(page_table.shape[1], device=dev)[None, :] < pages[:, None]
-        kv_indices = page_table[used].to(torch.int32)  # row by row, as kv_indptr counts them
-        qo_indptr = torch.arange(b + 1, dtype=torch.int32, device=dev)  # one query token per sequence
+        qo_indptr, kv_indptr, kv_indices, lens = _page_layout(page_table, seq_lens, self.page_size)
         self._wrapper.plan(qo_indptr, kv_indptr, kv_indices, lens, heads, r, d_r, self.page_size,
                            False, scale, dtype, dtype)
         self._planned = (page_table, seq_lens, meta)
+
+    def plan_graph(self, page_table: torch.Tensor, seq_lens: torch.Tensor, heads: int, r: int, d_r: int,
+                   scale: float, dtype: torch.dtype) -> None:
+        """Plans the graph wrapper of batch size B for the current contents of the static page_table
+        `[B, max_pages]` and seq_lens `[B]` (int64, each >= 1); makes the wrapper first when these tensors are new.
+        Host-side (copies the layout to the host): call it outside the graph, before capture and every replay."""
+        b, width = page_table.shape
+        bound = self._graphs.get(b)
+        if bound is None or bound.page_table is not page_table or bound.seq_lens is not seq_lens:
+            flashinfer = import_flashinfer()
+            dev = page_table.device
+            wrapper = flashinfer.mla.BatchMLAPagedAttentionWrapper(
+                self._workspace, use_cuda_graph=True,
+                qo_indptr=torch.zeros(b + 1, dtype=torch.int32, device=dev),
+                kv_indptr=torch.zeros(b + 1, dtype=torch.int32, device=dev),
+                kv_indices=torch.zeros(max(b * width, 1), dtype=torch.int32, device=dev),
+                kv_len_arr=torch.zeros(b, dtype=torch.int32, device=dev), backend="auto")
+            bound = self._graphs[b] = _GraphWrapper(wrapper, page_table, seq_lens)
+        qo_indptr, kv_indptr, kv_indices, lens = _page_layout(page_table, seq_lens, self.page_size)
+        bound.wrapper.plan(qo_indptr, kv_indptr, kv_indices, lens, heads, r, d_r, self.page_size, False, scale,
+                           dtype, dtype)
 
     def __call__(
         self,
@@ -85,9 +134,14 @@ class FlashInferMLADecode:
             raise ValueError(f"kv_cache needs unit stride on its last dim, got {kv_cache.stride()}")
         if b == 0:
             return torch.empty_like(q_latent)
-        self._plan(page_table, seq_lens, h, r, d_r, scale, q_latent.dtype)
+        bound = self._graphs.get(b)
+        if bound is not None and bound.page_table is page_table and bound.seq_lens is seq_lens:
+            wrapper = bound.wrapper  # planned by plan_graph, outside the graph being captured
+        else:
+            self._plan(page_table, seq_lens, h, r, d_r, scale, q_latent.dtype)
+            wrapper = self._wrapper
         # Column views of the one [slots, r + d_r] cache: flashinfer takes each cache's page and row strides, so
         # the latent and rope parts need no copy.
         ckv = kv_cache[:, :r].unflatten(0, (-1, self.page_size))  # [num_pages, page_size, r]
         kpe = kv_cache[:, r:].unflatten(0, (-1, self.page_size))  # [num_pages, page_size, d_r]
-        return self._wrapper.run(q_latent.contiguous(), q_rope.contiguous(), ckv, kpe)
+        return wrapper.run(q_latent.contiguous(), q_rope.contiguous(), ckv, kpe)
