@@ -228,6 +228,7 @@ class StepHooks:
         self.eplb_on_step_end = eplb_on_step_end
         self.runner = None  # set once the runner exists: its stats give each step's decode work
         self.timer: StepTimer | None = None
+        self.untimed_steps = 0  # steps of the breakdown pass that opened no timer step (no eager forward)
         self.logging = False
         self.decode_log: dict[int, tuple[int, float]] = {}
         self._seen = (0, 0.0)
@@ -238,7 +239,7 @@ class StepHooks:
 
     def __call__(self, step: int) -> None:
         if self.timer is not None:
-            self.timer.end_step()
+            self.untimed_steps += not self.timer.end_step()
             return
         if self.logging:
             stats = self.runner.stats
@@ -286,9 +287,9 @@ def breakdown_pass(args: argparse.Namespace, model: DeepseekV3, par: EngineParal
     """Re-runs the first prompts (one batch per rank, BREAKDOWN_OUTPUT_LEN output tokens) on an eager runner with a
     step timer. Returns this rank's `{"shares": {mode: shares}, "steps": {mode: n}, "mean_step_ms": {mode: ms}}`.
 
-    The runner is built with `disable_cuda_graph` set, which an entry point's `--disable-cuda-graph` flag sets; when
-    the runner has no such switch this is eager anyway. A mode whose steps showed no span at all (replayed graphs
-    run no Python) is left out with a warning.
+    The runner is built with `disable_cuda_graph` set, as `--disable-cuda-graph` sets it, so that its decode steps
+    run eagerly. Should graphs replay anyway, those steps run no Python: they are counted as untimed (with a
+    warning) and left out, as is a mode whose steps showed no span at all.
     """
     n = min(len(everyone), par.world_size * args.max_running_requests)
     again = [Request(r.rid, r.input_ids, SamplingParams(max_new_tokens=min(r.params.max_new_tokens,
@@ -298,12 +299,15 @@ def breakdown_pass(args: argparse.Namespace, model: DeepseekV3, par: EngineParal
     eager = argparse.Namespace(**{**vars(args), "disable_cuda_graph": True})
     runner = make_runner(eager, model, args.seed + par.rank, par.sync, hooks)
     timer = StepTimer(par.device)
-    hooks.timer = timer
+    hooks.timer, hooks.untimed_steps = timer, 0
     try:
         with timed_steps(model, timer):
             runner.generate([r for r, rank in zip(again, owner) if rank == par.rank])
     finally:
         hooks.timer = None
+    if hooks.untimed_steps:
+        log.warning("step breakdown: %d steps ran without an eager forward (CUDA graph replays?) and are not in "
+                    "it; run with --disable-cuda-graph", hooks.untimed_steps)
     shares = {}
     for mode in timer.steps:
         got = timer.shares(mode)
@@ -312,7 +316,7 @@ def breakdown_pass(args: argparse.Namespace, model: DeepseekV3, par: EngineParal
                         timer.steps[mode], mode)
         elif got is not None:
             shares[mode] = got
-    return {"shares": shares, "steps": dict(timer.steps),
+    return {"shares": shares, "steps": dict(timer.steps), "untimed_steps": hooks.untimed_steps,
             "mean_step_ms": {m: timer.mean_step_ms(m) for m in timer.steps if timer.steps[m]}}
 
 
@@ -341,6 +345,7 @@ def step_breakdown(per_rank: list[dict]) -> dict:
     return {"step_breakdown": per_rank[0]["shares"],
             "step_breakdown_max": step_timer.max_shares([r["shares"] for r in per_rank]),
             "step_breakdown_pass": {"output_len": BREAKDOWN_OUTPUT_LEN, "steps": per_rank[0]["steps"],
+                                    "untimed_steps": per_rank[0]["untimed_steps"],
                                     "mean_step_ms": per_rank[0]["mean_step_ms"]}}
 
 

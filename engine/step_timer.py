@@ -80,18 +80,25 @@ class StepTimer:
     def _elapsed(self, start, end) -> float:
         return start.elapsed_time(end) / 1e3 if self.cuda else end - start
 
+    def _capturing(self) -> bool:
+        return self.cuda and torch.cuda.is_current_stream_capturing()
+
     def begin_step(self, mode: str) -> None:
-        """Opens a step of `mode` ("prefill" or "decode"), ending one left open (its time runs to here)."""
+        """Opens a step of `mode` ("prefill" or "decode"), ending one left open (its time runs to here). Nothing
+        while a CUDA graph is being captured (a captured forward is no step)."""
         if mode not in MODES:
             raise ValueError(f"step mode {mode!r}: expected one of {MODES}")
+        if self._capturing():
+            return
         if self._mode is not None:
             self.end_step()
         self._mode, self._start, self._spans = mode, self._now(), []
 
-    def end_step(self) -> None:
-        """Closes the open step (nothing when none is open) and adds its spans and its total."""
+    def end_step(self) -> bool:
+        """Closes the open step and adds its spans and its total; False when no step was open (a step that never
+        began one: a replayed CUDA graph runs no Python)."""
         if self._mode is None:
-            return
+            return False
         end = self._now()
         if self.cuda:
             end.synchronize()  # after the step's own host sync, so this waits for next to nothing
@@ -103,11 +110,12 @@ class StepTimer:
             self._pool += [end, self._start, *(e for _, a, b in self._spans for e in (a, b))]
         self.steps[self._mode] += 1
         self._mode, self._start, self._spans = None, None, []
+        return True
 
     def scope(self, category: str) -> AbstractContextManager:
         if category not in CATEGORIES:
             raise ValueError(f"step timer category {category!r}: expected one of {CATEGORIES}")
-        if self._mode is None or self._in_span or (self.cuda and torch.cuda.is_current_stream_capturing()):
+        if self._mode is None or self._in_span or self._capturing():
             return _NULL
         return self._span(category)
 
