@@ -59,7 +59,7 @@ class ForwardBatch:
         prefix_lens: list[int],
         seq_slots: list[torch.Tensor],
         device: torch.device | str,
-    ) -> "ForwardBatch":
+    ) -> ForwardBatch:
         """new_tokens[b]: tokens to run for sequence b; seq_slots[b]: `[prefix + new]` cache slots of all its tokens."""
         lens = [p + len(t) for p, t in zip(prefix_lens, new_tokens)]
         table = torch.zeros(len(lens), max(lens, default=0), dtype=torch.int64)
@@ -77,7 +77,7 @@ class ForwardBatch:
         out_slots: list[int],
         device: torch.device | str,
         page_size: int = 1,
-    ) -> "ForwardBatch":
+    ) -> ForwardBatch:
         """The batch from its cache layout (page_table `[B, max_pages]` on the host, out_slots per new token) and
         tokens: flattened ids and positions, lengths, and the decode flag, moved to `device`."""
         extend = [len(t) for t in new_tokens]
@@ -108,7 +108,7 @@ class ForwardBatch:
         seq_lens: torch.Tensor,
         page_size: int,
         max_seq_len: int,
-    ) -> "ForwardBatch":
+    ) -> ForwardBatch:
         """A decode batch over static buffers (`engine.cuda_graph`): one new token for each of B rows.
 
         input_ids, positions, out_slots, seq_lens: `[B]` int64; page_table: `[B, max_pages]` int64; all on the
@@ -122,7 +122,7 @@ class ForwardBatch:
                    mode="decode", page_size=page_size)
 
     @classmethod
-    def empty(cls, device: torch.device | str, mode: str) -> "ForwardBatch":
+    def empty(cls, device: torch.device | str, mode: str) -> ForwardBatch:
         """No tokens: what an idle rank runs so that it still joins the step's collectives."""
         batch = cls.build([], [], [], device)
         batch.mode = mode

@@ -5,17 +5,24 @@ turns them into a `ForwardBatch` (positions, page table, sequence lengths), runs
 end their sequence and hands the step back to the scheduler. Under data-parallel attention every rank joins every
 step, with an empty batch when it has nothing to run, and all ranks agree on the step's mode through `StepSync`,
 exactly as the static runner does.
+
+Decode steps replay CUDA graphs (`engine.cuda_graph`) where they can: on a CUDA device, with the `local` dispatcher
+or DeepEP's low-latency kernels, up to `--cuda-graph-max-bs` sequences; the graphs are captured at the start of a
+`generate` (on every rank together) for page tables as wide as the job's longest request. Anything else decodes
+eagerly, and the runner says once why.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from engine.batch import ForwardBatch
+from engine.cuda_graph import DEFAULT_MAX_BS, DecodeGraphRunner, capture_sizes, graphs_unsupported
 from engine.errors import WideepError
 from engine.model import DeepseekV3
 from engine.paged_cache import PagedLatentKVCache, pages_for_memory
@@ -23,12 +30,17 @@ from engine.runner import Request, StepStats, check_requests, sample_next
 from engine.scheduler import Plan, Scheduler, SchedulerConfig
 from parallel.step_sync import LocalStepSync, StepSync
 
+log = logging.getLogger("wideep")
+
 
 @dataclass(frozen=True)
 class ContinuousConfig:
     """max_total_tokens: KV cache size in tokens (None: from free memory on GPUs; on the CPU, what the requests of
     the first `generate` could ever hold, so that nothing is retracted). mem_fraction_static: share of the GPU that
-    weights and KV cache may take when sizing from free memory."""
+    weights and KV cache may take when sizing from free memory. cuda_graph_max_bs: the largest decode batch run as
+    a CUDA graph (`--cuda-graph-max-bs`; capped by max_running_requests and by DeepEP's per-rank token limit);
+    disable_cuda_graph: decode eagerly always (`--disable-cuda-graph`). emulate_cuda_graph: off CUDA, run decode
+    through the graph runner with its stand-in graphs (padding, static buffers, scratch page): for tests."""
 
     max_running_requests: int = 64
     chunked_prefill_size: int = 8192
@@ -36,6 +48,9 @@ class ContinuousConfig:
     max_total_tokens: int | None = None
     mem_fraction_static: float = 0.85
     seed: int = 0
+    cuda_graph_max_bs: int = DEFAULT_MAX_BS
+    disable_cuda_graph: bool = False
+    emulate_cuda_graph: bool = False
 
     def __post_init__(self) -> None:
         if self.page_size < 1:
@@ -45,6 +60,7 @@ class ContinuousConfig:
         if not 0.0 < self.mem_fraction_static < 1.0:
             raise WideepError(f"--mem-fraction-static must lie in (0, 1), found {self.mem_fraction_static}")
         SchedulerConfig(self.max_running_requests, self.chunked_prefill_size)  # validates both flags
+        capture_sizes(self.cuda_graph_max_bs)  # validates --cuda-graph-max-bs
 
 
 @dataclass
@@ -55,6 +71,9 @@ class ContinuousStats(StepStats):
     retractions: int = 0
     peak_pages_used: int = 0
     num_pages: int = 0
+    cuda_graph: bool = False  # decode steps may replay CUDA graphs (the last generate's setting)
+    cuda_graph_sizes: list[int] = field(default_factory=list)  # the batch sizes captured
+    graph_decode_steps: int = 0  # decode steps that replayed a graph
 
     @property
     def peak_kv_use(self) -> float:
@@ -74,6 +93,8 @@ class ContinuousRunner:
         self.eos = model.cfg.eos_token_id
         self.stats = ContinuousStats()
         self.cache: PagedLatentKVCache | None = None
+        self.graphs: DecodeGraphRunner | None = None
+        self._eager_logged = False
         self._step = 0
 
     def _num_pages(self, requests: list[Request]) -> int:
@@ -84,7 +105,8 @@ class ContinuousRunner:
             free, total = torch.cuda.mem_get_info(self.model.device)
             per_page = (self.model.cfg.num_hidden_layers * p * self.model.cfg.kv_cache_dim
                         * self.model.dtype.itemsize)
-            return pages_for_memory(free, total, cfg.mem_fraction_static, per_page)
+            # One page of the budget is the cache's scratch page (CUDA-graph padding).
+            return max(pages_for_memory(free, total, cfg.mem_fraction_static, per_page) - 1, 1)
         return max(sum(-(-r.max_tokens // p) for r in requests), 1)
 
     def _cache_for(self, requests: list[Request]) -> PagedLatentKVCache:
@@ -93,7 +115,7 @@ class ContinuousRunner:
         grows = self.config.max_total_tokens is None and self.model.device.type != "cuda"
         if self.cache is None or (grows and self.cache.num_pages < self._num_pages(requests)):
             pages = self._num_pages(requests)
-            self.cache = None  # free the old buffer before taking the new one
+            self.cache = self.graphs = None  # free the old buffer (and the graphs over it) before taking the new one
             cfg = self.model.cfg
             self.cache = PagedLatentKVCache(cfg.num_hidden_layers, pages, self.config.page_size, cfg.kv_cache_dim,
                                             self.model.dtype, self.model.device)
@@ -110,6 +132,7 @@ class ContinuousRunner:
         check_requests(requests, self.model.cfg.vocab_size)
         on_step = on_step or (lambda n: None)
         cache = self._cache_for(requests)
+        self._prepare_graphs(requests, cache)
         sched = Scheduler(SchedulerConfig(self.config.max_running_requests, self.config.chunked_prefill_size), cache)
         for r in requests:
             sched.add(r)
@@ -149,7 +172,11 @@ class ContinuousRunner:
         # has them); its last prompt token may come as a one-token decode run after a chunk that stopped short.
         want_all = pieces is not None and any(
             r.req.prompt_logits is None and r.start < len(r.req.input_ids) for r in plan.runs)
-        logits = self.model.forward(batch, cache, all_logits=want_all)
+        if self.graphs is not None and mode == "decode" and not want_all and self.graphs.fits(batch):
+            logits = self.graphs.run(batch)  # [B, vocab], a view of the graph's output: sampled before the next step
+            self.stats.graph_decode_steps += 1
+        else:
+            logits = self.model.forward(batch, cache, all_logits=want_all)
         if want_all:
             for r, chunk in zip(plan.runs, logits.split(batch.extend_lens)):
                 if r.req.prompt_logits is None and r.start < len(r.req.input_ids):
@@ -171,6 +198,42 @@ class ContinuousRunner:
             self.stats.decode_tokens += len(plan.runs)
             self.stats.decode_s += elapsed
         on_step(len(done))
+
+    def _prepare_graphs(self, requests: list[Request], cache: PagedLatentKVCache) -> None:
+        """Captures the decode graphs this job needs, unless the ones held serve it (or graphs do not apply here).
+
+        Under expert parallelism every rank comes here at the start of the same `generate`; the width of the page
+        table and the decision to capture again are agreed over the dispatcher's ranks, so all of them capture the
+        same sizes in the same order (the warm-ups run collectives).
+        """
+        cfg, model = self.config, self.model
+        on_cuda = model.device.type == "cuda"
+        if cfg.disable_cuda_graph:
+            reason = "--disable-cuda-graph"
+        elif not on_cuda and not cfg.emulate_cuda_graph:
+            reason = f"the model runs on {model.device}, not a CUDA device"
+        else:
+            reason = graphs_unsupported(model, on_cuda=on_cuda)
+        if reason is not None:
+            if not self._eager_logged:
+                log.info("decode steps run eagerly, without CUDA graphs: %s", reason)
+                self._eager_logged = True
+            self.graphs = None
+            self.stats.cuda_graph, self.stats.cuda_graph_sizes = False, []
+            return
+        dispatcher = model.dispatcher
+        max_bs = min(cfg.cuda_graph_max_bs, cfg.max_running_requests, dispatcher.graph_max_tokens or cfg.cuda_graph_max_bs)
+        longest = max((cache.pages_needed(r.max_tokens) for r in requests), default=1)
+        need = dispatcher.agree_max(min(longest, cache.num_pages))
+        held = self.graphs
+        stale = (held is None or held.cache is not cache or need > held.max_pages
+                 or held.key != DecodeGraphRunner.state_key(model, cache))
+        if dispatcher.agree_max(int(stale)):
+            # Widths grow by powers of two, so a run of longer and longer jobs captures O(log) times.
+            width = min(1 << (need - 1).bit_length(), max(cache.num_pages, need))
+            self.graphs = None  # release the old graphs' pool before capturing the new ones
+            self.graphs = DecodeGraphRunner(model, cache, capture_sizes(max_bs), width, use_cuda_graphs=on_cuda)
+        self.stats.cuda_graph, self.stats.cuda_graph_sizes = True, list(self.graphs.sizes)
 
     def _append(self, reqs: list[Request], logits: torch.Tensor) -> None:
         """logits: `[len(reqs), vocab]` float32 of each request's last token."""
