@@ -8,6 +8,7 @@ import sys
 from collections.abc import Callable
 
 from engine.cb_runner import ContinuousConfig, ContinuousRunner
+from engine.cuda_graph import DEFAULT_MAX_BS
 from engine.model import DeepseekV3
 from engine.runner import Runner, RunnerConfig
 from eplb.manager import add_eplb_args
@@ -55,6 +56,12 @@ def add_runtime_args(parser: argparse.ArgumentParser) -> None:
                         "CPU what the requests need)")
     g.add_argument("--mem-fraction-static", type=float, default=0.85,
                    help="share of GPU memory that weights and the KV cache may take (continuous runtime)")
+    g.add_argument("--cuda-graph-max-bs", type=int, default=DEFAULT_MAX_BS,
+                   help="largest decode batch replayed as a CUDA graph (continuous runtime on GPUs; sizes 1, 2, 4, "
+                        "8, then every 8 to 64 and every 16 above are captured, capped by --max-running-requests "
+                        f"and, with DeepEP, --deepep-max-dispatch-tokens-per-rank; default {DEFAULT_MAX_BS})")
+    g.add_argument("--disable-cuda-graph", action="store_true",
+                   help="decode eagerly, without CUDA graphs (continuous runtime)")
 
 
 def make_runner(args: argparse.Namespace, model: DeepseekV3, seed: int, sync: StepSync,
@@ -67,7 +74,8 @@ def make_runner(args: argparse.Namespace, model: DeepseekV3, seed: int, sync: St
         max_running_requests=args.max_running_requests,
         chunked_prefill_size=args.chunked_prefill_size or args.max_prefill_tokens,
         page_size=args.page_size, max_total_tokens=args.max_total_tokens,
-        mem_fraction_static=args.mem_fraction_static, seed=seed)
+        mem_fraction_static=args.mem_fraction_static, seed=seed, cuda_graph_max_bs=args.cuda_graph_max_bs,
+        disable_cuda_graph=args.disable_cuda_graph)
     return ContinuousRunner(model, config, sync=sync, on_step_end=on_step_end)
 
 

@@ -169,3 +169,21 @@ def test_eager_decode_says_once_why(model, caplog):
     lines = [r.getMessage() for r in caplog.records if "run eagerly" in r.getMessage()]
     assert len(lines) == 2 and "--disable-cuda-graph" in lines[0] and "not a CUDA device" in lines[1]
     assert not runner.stats.cuda_graph and runner.stats.graph_decode_steps == 0
+
+
+def test_flags_reach_the_runner(model):
+    import argparse
+
+    from engine.cli_args import add_model_args, make_runner
+    from parallel.step_sync import LocalStepSync
+
+    parser = argparse.ArgumentParser()
+    add_model_args(parser, default_model="tiny")
+    args = parser.parse_args(["--runtime", "continuous", "--cuda-graph-max-bs", "16", "--disable-cuda-graph"])
+    runner = make_runner(args, model, 0, LocalStepSync(), None)
+    assert runner.config.cuda_graph_max_bs == 16 and runner.config.disable_cuda_graph
+    default = make_runner(parser.parse_args(["--runtime", "continuous"]), model, 0, LocalStepSync(), None)
+    assert default.config.cuda_graph_max_bs == 256 and not default.config.disable_cuda_graph
+    with pytest.raises(WideepError, match="--cuda-graph-max-bs must be >= 1"):
+        make_runner(parser.parse_args(["--runtime", "continuous", "--cuda-graph-max-bs", "0"]), model, 0,
+                    LocalStepSync(), None)
