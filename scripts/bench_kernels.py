@@ -13,8 +13,9 @@
 - Activation quantization and SiLU-and-mul + quantization: share of HBM bandwidth.
 - Dense W8A8 block-scaled GEMM at DeepSeek-V3 projection shapes against `torch._scaled_mm` (row-wise) and bf16 mm.
 - MLA decode and router rows from scripts/bench_mla.py (`run(device)`), when that file is there.
---tune times candidate tiles per shape class first and prints the fastest (the source of kernels.grouped_gemm's
-tables). Times are `triton.testing.do_bench` medians after warm-up, on random data.
+--tune times candidate tiles per shape class first and prints the fastest. `scripts/sweep_kernels.py` is the wider
+sweep (persistent, 256-wide, warp-specialized GEMM variants and MLA tilings, compile failures isolated), the source
+of kernels.grouped_gemm's tables. Times are `triton.testing.do_bench` medians after warm-up, on random data.
 """
 
 from __future__ import annotations

@@ -31,8 +31,9 @@ MLA_SHAPES = [(64, 2048), (128, 4096), (16, 8192)]  # (batch, context)
 ROUTER_TOKENS = [128, 4096]
 ROUTER = dict(top_k=8, n_group=8, topk_group=4, routed_scaling_factor=2.5)
 NUM_EXPERTS = 256
-SWEEP = [  # (block_h, block_n, num_warps, num_stages, num_splits): alternatives to the default tiling
-    (64, 32, 8, 3, None), (64, 64, 8, 2, None), (64, 64, 8, 4, None), (64, 64, 8, 3, 2), (16, 64, 4, 3, None),
+SWEEP = [  # alternatives to the default tiling (scripts/sweep_kernels.py times more, beside flashinfer)
+    MLADecodeConfig(lazy_rescale=True), MLADecodeConfig(block_n=32, num_stages=4), MLADecodeConfig(num_stages=2),
+    MLADecodeConfig(num_warps=16), MLADecodeConfig(num_splits=2),
 ]
 
 
@@ -82,9 +83,8 @@ def run(device: str = "cuda", sweep: bool = False) -> list[dict]:
             rows.append(dict(name="mla_decode", shape=shape, backend=name, us=us, gbps=kv_gbps(batch, ctx, us),
                              rel_err=err))
         if sweep:
-            for bh, bn, warps, stages, splits in SWEEP:
-                cfg = MLADecodeConfig(block_h=bh, block_n=bn, num_warps=warps, num_stages=stages, num_splits=splits)
-                label = f"triton[h{bh} n{bn} w{warps} s{stages} splits={splits or 'auto'}]"
+            for cfg in SWEEP:
+                label = f"triton[{cfg.short()}]"
                 try:
                     out = mla_decode_triton(*case, config=cfg)
                     us = time_us(lambda: mla_decode_triton(*case, config=cfg))

@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # Checks and times everything on a GPU machine in one go: the GPU test suite, then offline benchmarks.
-# Usage: scripts/gpu_suite.sh LOGDIR [quick]
+# Usage: scripts/gpu_suite.sh LOGDIR [quick|sweep]   (sweep: also scripts/sweep_kernels.py)
 # Full logs go to LOGDIR; the last thing printed is a short table of results. Where the tree was copied
 # without .git, set WIDEEP_COMMIT to the commit it holds.
 set -uo pipefail
-logs=${1:?usage: scripts/gpu_suite.sh LOGDIR [quick]}
+logs=${1:?usage: scripts/gpu_suite.sh LOGDIR [quick|sweep]}
 mode=${2:-full}
 mkdir -p "$logs"
 # Mandatory on the lent machines: no NVLink multicast objects (they can take shared GPUs down).
@@ -38,6 +38,14 @@ if [ "$mode" != quick ]; then
         --random-input-len 128 --random-output-len 128 --random-range-ratio 1.0
     bench v3-5layers-1000-100 --model v3 --num-layers 5 --load-format dummy --num-prompts 32 \
         --random-input-len 1000 --random-output-len 100 --random-range-ratio 1.0
+fi
+if [ "$mode" = sweep ]; then  # the kernel variants side by side (about 5 minutes on one H100)
+    if python scripts/sweep_kernels.py --json "$logs/sweep.jsonl" >"$logs/sweep.log" 2>&1; then
+        echo "sweep: $(grep -c . "$logs/sweep.jsonl") rows; best per class:" >>"$summary"
+        sed -n '/== best per shape class/,$p' "$logs/sweep.log" >>"$summary"
+    else
+        echo "sweep: FAILED (see $logs/sweep.log)" >>"$summary"
+    fi
 fi
 echo
 cat "$summary"

@@ -241,7 +241,7 @@ def report(jobs: list[Job]) -> list[str]:
                 if ratios:
                     lines.append(f"   best vs {base} (speed): " + ", ".join(ratios))
     lines.append("\n== best per shape class (paste into kernels/grouped_gemm.py / kernels/mla_triton.py)")
-    for cls, (label, speed, cfg) in best.items():
+    for cls, (_label, speed, cfg) in best.items():
         lines.append(f"{cls:<22} {speed:4.2f}x  {paste(cfg)}")
     return lines
 

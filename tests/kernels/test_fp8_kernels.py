@@ -126,6 +126,18 @@ def test_fp8_gemm_matches_reference(m, n, k):
     assert rel(y, fp8_gemm_ref(a_q, a_s, w_q, w_s)) < 1e-2
 
 
+@pytest.mark.parametrize("config", [TileConfig(16, 256, 128, persistent=1, flatten=True),
+                                    TileConfig(32, 64, 128, persistent=2, tma=True)], ids=["wide_n", "persistent_tma"])
+def test_fp8_gemm_variants(config):
+    """The dense layout through the persistent kernel and the 256-wide column tiles (two weight scales per step)."""
+    a_q, a_s = act_quant_ref(rand(45, 256, seed=3))
+    w_q, w_s = quantized_weight(300, 256, seed=4)
+    out = torch.full((45, 300), float("nan"), dtype=torch.bfloat16, device=DEV)
+    y = fp8_gemm(a_q, a_s, w_q, w_s, out=out, config=config)
+    assert not y.isnan().any()
+    assert rel(y, fp8_gemm_ref(a_q, a_s, w_q, w_s)) < 1e-2
+
+
 def test_fp8_linear_backends_agree():
     x = rand(2, 9, 256, seed=5)
     w_q, w_s = quantized_weight(130, 256, seed=6)

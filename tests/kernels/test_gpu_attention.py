@@ -15,6 +15,7 @@ from engine.errors import WideepError
 from engine.presets import tiny
 from kernels.attention_backend import create_attention_backend
 from kernels.mla import mla_decode_torch, pages_to_slots
+from kernels.mla_triton import MLADecodeConfig, mla_decode_triton
 from kernels.router import grouped_topk, route
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -66,6 +67,21 @@ def test_decode_backends_real_sizes(name, page_size):
     backend = backend_or_skip(name, page_size)
     out = backend.decode(q_latent, q_rope, kv, clean if name == "torch" else table, lens, scale)
     assert out.shape == ref.shape and out.dtype == torch.bfloat16
+    assert not out.isnan().any()
+    assert rel(out, ref) < 1e-2
+
+
+@pytest.mark.parametrize("cfg", [
+    MLADecodeConfig(lazy_rescale=True), MLADecodeConfig(num_stages=2, lazy_rescale=True),
+    MLADecodeConfig(block_n=32, num_stages=4), MLADecodeConfig(num_warps=16), MLADecodeConfig(num_splits=2),
+], ids=lambda c: c.short().replace(" ", "-"))
+@pytest.mark.parametrize("page_size", [1, 16])
+def test_triton_decode_variants(cfg, page_size):
+    """The tilings `scripts/sweep_kernels.py` chooses among, at DeepSeek-V3 sizes: within 1e-2 of the reference."""
+    q_latent, q_rope, kv, table, clean, lens = decode_case(32, 2048, page_size, seed=2)
+    scale = 1 / math.sqrt(192)
+    ref = mla_decode_torch(q_latent, q_rope, kv, pages_to_slots(clean, page_size), lens, scale)
+    out = mla_decode_triton(q_latent, q_rope, kv, table, lens, scale, page_size=page_size, config=cfg)
     assert not out.isnan().any()
     assert rel(out, ref) < 1e-2
 

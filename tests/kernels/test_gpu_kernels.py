@@ -17,7 +17,7 @@ import torch
 from kernels.act_quant import act_quant, silu_mul, silu_mul_quant
 from kernels.fp8 import act_quant_ref, dequantize_act, dequantize_block_fp8, fp8_gemm_ref, silu_mul_quant_ref
 from kernels.fp8_gemm import fp8_gemm, fp8_linear
-from kernels.grouped_gemm import grouped_gemm, grouped_mlp, pick_tile
+from kernels.grouped_gemm import TileConfig, grouped_gemm, grouped_mlp, pick_tile
 from kernels.moe import grouped_gemm_ref, grouped_mlp_ref, silu_mul_ref
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -97,6 +97,48 @@ def test_grouped_gemm_contiguous(gemm, tma):
         y8 = grouped_gemm(x_q, w_q, counts, "contiguous", a_scale=x_s, b_scale=w_s, config=cfg)
         y8_ref = grouped_gemm_ref(x_q, w_q, counts, "contiguous", a_scale=x_s, b_scale=w_s)
         assert rel(y8, y8_ref) < 1e-2, cfg
+
+
+VARIANTS = [  # the candidates of scripts/sweep_space.py, one of each kind, at the sizes they are meant for
+    TileConfig(128, 128, 128, num_warps=8, num_stages=4, tma=True, persistent=1, flatten=True),
+    TileConfig(128, 128, 128, num_warps=8, num_stages=3, tma=True, persistent=2, flatten=True),
+    TileConfig(128, 128, 128, num_warps=8, num_stages=4, tma=True, persistent=1),
+    TileConfig(128, 256, 128, num_warps=8, num_stages=3, tma=True),
+    TileConfig(64, 256, 128, num_warps=8, num_stages=4, tma=True),
+    TileConfig(16, 64, 128, num_warps=4, num_stages=6, tma=True, persistent=4, flatten=True),
+    TileConfig(16, 64, 128, num_warps=4, num_stages=6, persistent=4, flatten=True),
+    TileConfig(128, 128, 128, num_warps=8, num_stages=4, tma=True, warp_specialize=True),
+]
+
+
+@pytest.mark.parametrize("cfg", VARIANTS, ids=lambda c: c.short().replace(" ", "-"))
+def test_grouped_gemm_variants(cfg):
+    """Every kind of kernel variant, FP8 and bf16, contiguous (ragged, empty experts) and masked: correct. Warp
+    specialization is an experiment of the compiler: where it does not compile, the test says so and skips."""
+    n, k = 2 * INTER, H
+    counts = torch.tensor(COUNTS, device=DEV)
+    x = x_rows(sum(COUNTS), k, seed=20)
+    w, w_q, w_s = fp8_experts(len(COUNTS), n, k, seed=21)
+    x_q, x_s = act_quant(x)
+    xm = x_rows(len(COUNTS), 256, k, seed=22)
+    mcounts = counts.clamp(max=256)
+    xm_q, xm_s = act_quant(xm, masked_m=mcounts)
+    ok = torch.arange(256, device=DEV)[None, :] < mcounts[:, None]
+    half = replace(cfg, block_k=64)
+    try:
+        y8 = grouped_gemm(x_q, w_q, counts, "contiguous", a_scale=x_s, b_scale=w_s, config=cfg)
+    except Exception as exc:
+        if cfg.warp_specialize:
+            pytest.skip(f"warp specialization does not compile here: {type(exc).__name__}")
+        raise
+    assert rel(y8, grouped_gemm_ref(x_q, w_q, counts, "contiguous", a_scale=x_s, b_scale=w_s)) < 1e-2
+    y = grouped_gemm(x, w, counts, "contiguous", config=half)
+    assert rel(y, grouped_gemm_ref(x, w, counts, "contiguous")) < 1e-2
+    y8m = grouped_gemm(xm_q, w_q, mcounts, "masked", a_scale=xm_s, b_scale=w_s, config=cfg, expected_m=64)
+    y8m_ref = grouped_gemm_ref(xm_q, w_q, mcounts, "masked", a_scale=xm_s, b_scale=w_s)
+    assert rel(y8m[ok], y8m_ref[ok]) < 1e-2
+    y = fp8_gemm(x_q, x_s, w_q[0], w_s[0], config=cfg)
+    assert rel(y, fp8_gemm_ref(x_q, x_s, w_q[0], w_s[0])) < 1e-2
 
 
 @pytest.mark.parametrize("tma", [False, True], ids=["pointers", "tma"])

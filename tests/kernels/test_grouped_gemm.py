@@ -196,3 +196,47 @@ def test_launcher_names_what_is_wrong():
         grouped_gemm(a, b, counts, "contiguous", a_scale=torch.ones(4, 1, device=DEV))
     with pytest.raises(ValueError, match="w2_scale"):
         grouped_mlp(a, counts, "contiguous", b, b, w13_scale=torch.ones(1))
+
+
+VARIANTS = {  # (bf16 config, FP8 config): the kernel variants the sweep chooses among, at tiles small enough here
+    "persistent_flat": (TileConfig(16, 32, 64, persistent=1, flatten=True),
+                        TileConfig(16, 32, 128, persistent=1, flatten=True)),
+    "persistent_tma_ws": (TileConfig(16, 64, 64, persistent=2, tma=True, warp_specialize=True),
+                          TileConfig(16, 64, 128, persistent=2, tma=True, warp_specialize=True)),
+    "wide_n": (TileConfig(16, 256, 64, tma=True), TileConfig(16, 256, 128, tma=True)),
+    "wide_n_persistent": (TileConfig(32, 256, 64, persistent=1, flatten=True),
+                          TileConfig(32, 256, 128, persistent=1, flatten=True)),
+}
+
+
+@pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "fp8"])
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("layout", ["contiguous", "masked"])
+def test_kernel_variants_match_reference(layout, variant, fp8):
+    """Persistent programs (several tiles each, across experts, empty experts skipped), 256-wide column tiles (FP8:
+    one weight scale per column, N past one 128-column scale block and off the tile) and warp specialization."""
+    counts = torch.tensor([7, 0, 40, 1, 19], device=DEV)
+    e, n, k = 5, 300, 256
+    a = rand(int(counts.sum()), k, seed=14) if layout == "contiguous" else rand(e, 40, k, seed=14)
+    b = rand(e, n, k, seed=15, scale=0.1)
+    kwargs = {}
+    if fp8:
+        a, a_s = act_quant_ref(a)
+        b, b_s = fp8_experts(b)
+        kwargs = {"a_scale": a_s, "b_scale": b_s}
+    out = torch.full((*a.shape[:-1], n), float("nan"), dtype=torch.bfloat16, device=DEV)
+    y = grouped_gemm(a, b, counts, layout, config=VARIANTS[variant][fp8], out=out, **kwargs)
+    y_ref = grouped_gemm_ref(a, b, counts, layout, **kwargs)
+    if layout == "masked":
+        ok = valid_rows(counts, 40)
+        y, y_ref = y[ok], y_ref[ok]
+    assert not y.isnan().any(), "a row was left unwritten"
+    assert rel(y, y_ref) < 1e-2
+
+
+def test_fp8_tiles_accept_wide_column_blocks_only_in_multiples_of_128():
+    counts = torch.tensor([3], device=DEV)
+    a, a_s = act_quant_ref(rand(3, 128, seed=0))
+    b, b_s = fp8_experts(rand(1, 192, 128, seed=1))
+    with pytest.raises(ValueError, match="block_n dividing 128 or a multiple"):
+        grouped_gemm(a, b, counts, "contiguous", a_scale=a_s, b_scale=b_s, config=TileConfig(16, 192, 128))

@@ -118,6 +118,19 @@ def test_triton_pages_of_several_tokens(page_size):
     assert rel_err(torch_out, ref) < 1e-6
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_triton_lazy_rescale(dtype):
+    """Scores spread wide enough that some blocks raise a head's max by more than 2^8 (rescale) and others do not
+    (kept): the same result as the reference."""
+    q_latent, q_rope, kv, table, clean, seq_lens = make_case([1, 37, 16, 50], 5, 40, 12, dtype, seed=3)
+    q_latent = q_latent * 4
+    ref = reference(q_latent, q_rope, kv, clean, seq_lens, 0.5)
+    with poisoned_allocations():
+        out = mla_decode_triton(q_latent, q_rope, kv, table, seq_lens, 0.5,
+                                config=MLADecodeConfig(block_h=16, block_n=16, num_splits=2, lazy_rescale=True))
+    assert rel_err(out, ref) < (1e-5 if dtype == torch.float32 else 2e-3)
+
+
 def test_triton_float16_default_tiling():
     q_latent, q_rope, kv, table, clean, seq_lens = make_case([3, 70, 1], 18, 64, 16, torch.float16)
     ref = reference(q_latent, q_rope, kv, clean, seq_lens, 0.1)
