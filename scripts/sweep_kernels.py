@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from sweep_space import GEMM_SHAPES, MLA_SHAPES, PEAKS, Shape, candidates
+from sweep_space import GEMM_SHAPES, MLA_SHAPES, PEAKS, Shape, candidates  # noqa: E402
 
 _DEADLINE = [float("inf")]
 
@@ -95,6 +95,8 @@ def probe_worker(keys: list[str]) -> None:
             print(f"ok {key}", flush=True)
         except Exception as exc:  # noqa: BLE001 - reported to the parent in one line
             print(f"err {key}\t{one_line(exc)}", flush=True)
+            if "CUDA" in str(exc) or "cuda" in type(exc).__name__.lower():
+                sys.exit(3)  # the context may be broken (an illegal address): the parent starts a fresh worker
 
 
 def one_line(exc: BaseException) -> str:
@@ -119,7 +121,7 @@ def probe(jobs: list[Job], workers: int, stall_s: float) -> dict[str, str]:
             proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
             timer = threading.Timer(stall_s, proc.kill)
             timer.start()
-            started = None
+            started, progress = None, False
             for line in proc.stdout:
                 timer.cancel()
                 timer = threading.Timer(stall_s, proc.kill)
@@ -127,7 +129,7 @@ def probe(jobs: list[Job], workers: int, stall_s: float) -> dict[str, str]:
                 word, _, rest = line.rstrip("\n").partition(" ")
                 key, _, msg = rest.partition("\t")
                 if word == "start":
-                    started = key
+                    started, progress = key, True
                 elif word in ("ok", "err") and key in todo:
                     with lock:
                         results[key] = msg if word == "err" else ""
@@ -139,10 +141,10 @@ def probe(jobs: list[Job], workers: int, stall_s: float) -> dict[str, str]:
                 with lock:
                     results[started] = f"crashed the process (exit {rc})" if rc > 0 else f"killed (signal {-rc})"
                 todo.remove(started)
-            elif rc != 0 and todo:
+            elif todo and (rc == 0 or not progress):  # nothing more will come of retrying
                 with lock:
                     for key in todo:
-                        results[key] = f"worker failed before starting (exit {rc})"
+                        results[key] = f"probe worker ended without running it (exit {rc})"
                 return
 
     threads = [threading.Thread(target=run_slot, args=(slot,)) for slot in slots if slot]
