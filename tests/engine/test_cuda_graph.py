@@ -187,3 +187,26 @@ def test_flags_reach_the_runner(model):
     with pytest.raises(WideepError, match="--cuda-graph-max-bs must be >= 1"):
         make_runner(parser.parse_args(["--runtime", "continuous", "--cuda-graph-max-bs", "0"]), model, 0,
                     LocalStepSync(), None)
+
+
+def test_why_decode_stays_eager(model):
+    from engine.cuda_graph import graphs_unsupported
+    from parallel.dispatcher import Dispatcher, LocalDispatcher
+
+    assert graphs_unsupported(model, on_cuda=False) is None
+    assert "not a CUDA device" in graphs_unsupported(model)
+
+    class HostSized(LocalDispatcher):  # what the torch all-to-all is: split sizes read on the host
+        graph_unsupported = Dispatcher.graph_unsupported
+
+    local = model.dispatcher
+    layers = model.moe_layers()
+    try:
+        model.dispatcher = HostSized(local.num_local_slots)
+        assert "reads token counts on the host" in graphs_unsupported(model, on_cuda=False)
+        model.dispatcher = local
+        layers[0].recorder = object()
+        assert "expert-load recording" in graphs_unsupported(model, on_cuda=False)
+    finally:
+        model.dispatcher = local
+        layers[0].recorder = None
