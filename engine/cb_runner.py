@@ -222,7 +222,9 @@ class ContinuousRunner:
             self.stats.cuda_graph, self.stats.cuda_graph_sizes = False, []
             return
         dispatcher = model.dispatcher
-        max_bs = min(cfg.cuda_graph_max_bs, cfg.max_running_requests, dispatcher.graph_max_tokens or cfg.cuda_graph_max_bs)
+        max_bs = min(cfg.cuda_graph_max_bs, cfg.max_running_requests)
+        if dispatcher.graph_max_tokens is not None:  # a padded batch brings max_bs tokens to the dispatcher
+            max_bs = min(max_bs, dispatcher.graph_max_tokens)
         longest = max((cache.pages_needed(r.max_tokens) for r in requests), default=1)
         need = dispatcher.agree_max(min(longest, cache.num_pages))
         held = self.graphs
