@@ -61,22 +61,23 @@ class TileConfig:
         return " ".join([f"{self.block_m}x{self.block_n}x{self.block_k} w{self.num_warps} s{self.num_stages}", *extra])
 
 
-# (largest rows per expert, config), first match wins; from `scripts/bench_kernels.py --tune` on an H100 at the
-# DeepSeek-V3 expert shapes (8 experts, gate_up N=4096 K=7168 and down N=7168 K=2048). Few rows per expert are
-# weight-bandwidth bound: short row tiles, deep pipelines. Many rows are tensor-core bound: 128-row tiles, loads by
-# the bulk copy engine (up to 25% faster for FP8 there). FP8 keeps block_n <= 128 (one weight scale per K step) and
-# block_k = 128 (one activation scale per row per K step), which bounds its tile at 128x128.
+# (largest rows per expert, config), first match wins; the fastest of `scripts/sweep_kernels.py` on an H100
+# (2026-11-21, commit b372e93) at the DeepSeek-V3 expert shapes (8/32 experts, gate_up N=4096 K=7168, down N=7168
+# K=2048). Few rows per expert are weight-bandwidth bound: short row tiles, loads by the bulk copy engine. From 32
+# rows on, persistent programs (a fixed grid walking every expert's tiles) pipelined across tiles win 1-11%; the
+# 256-wide FP8 tile (two weight scales a K step) and warp specialisation lost or did not compile. FP8 keeps block_k
+# = 128 (one activation scale per row per K step).
 _FP8_TILES: tuple[tuple[int, TileConfig], ...] = (
-    (16, TileConfig(16, 64, 128, num_warps=4, num_stages=5, tma=True)),
-    (32, TileConfig(32, 64, 128, num_warps=4, num_stages=5)),
-    (256, TileConfig(64, 128, 128, num_warps=4, num_stages=4, tma=True)),
-    (1 << 62, TileConfig(128, 128, 128, num_warps=8, num_stages=4, tma=True)),
+    (16, TileConfig(16, 128, 128, num_warps=4, num_stages=4, tma=True)),
+    (32, TileConfig(32, 128, 128, num_warps=4, num_stages=5, tma=True, persistent=2, flatten=True)),
+    (256, TileConfig(64, 128, 128, num_warps=4, num_stages=3, tma=True, persistent=2, flatten=True)),
+    (1 << 62, TileConfig(128, 128, 128, num_warps=8, num_stages=4, tma=True, persistent=1)),
 )
 _HALF_TILES: tuple[tuple[int, TileConfig], ...] = (
     (16, TileConfig(16, 128, 128, num_warps=4, num_stages=4)),
     (32, TileConfig(32, 64, 128, num_warps=4, num_stages=4)),
     (128, TileConfig(64, 256, 64, num_warps=4, num_stages=3)),
-    (1 << 62, TileConfig(128, 256, 64, num_warps=8, num_stages=4, tma=True)),
+    (1 << 62, TileConfig(128, 256, 64, num_warps=8, num_stages=4, tma=True, persistent=1, flatten=True)),
 )
 
 
