@@ -354,7 +354,7 @@ def run_bench(args: argparse.Namespace, source: ModelSource, par: EngineParallel
     dtype = pick_dtype(args.dtype, device)
     model, eplb = build_parallel_model(args, source, par, dtype)
     hooks = StepHooks(eplb.on_step_end)
-    runner = hooks.runner = make_runner(args, model, args.seed + par.rank, par.sync, hooks)
+    runner = hooks.runner = make_runner(args, model, args.seed, par.sync, hooks)
     vocab = source.cfg.vocab_size
     if args.warmup_requests:
         warm = random_requests(argparse.Namespace(**{**vars(args), "num_prompts": args.warmup_requests,
