@@ -297,7 +297,7 @@ def breakdown_pass(args: argparse.Namespace, model: DeepseekV3, par: EngineParal
                                                         ignore_eos=r.params.ignore_eos)) for r in everyone[:n]]
     owner = assign_ranks([r.max_tokens for r in again], par.world_size, args.load_balance_method)
     eager = argparse.Namespace(**{**vars(args), "disable_cuda_graph": True})
-    runner = make_runner(eager, model, args.seed + par.rank, par.sync, hooks)
+    runner = make_runner(eager, model, args.seed, par.sync, hooks)
     timer = StepTimer(par.device)
     hooks.timer, hooks.untimed_steps = timer, 0
     try:
