@@ -55,6 +55,10 @@ def graphs_unsupported(model: DeepseekV3, *, on_cuda: bool = True) -> str | None
     if reason is not None:
         return reason
     moe = model.moe_layers()
+    if on_cuda and any(not layer.triton_experts() for layer in moe):
+        return (f"{str(moe[0].weights.w13.dtype).removeprefix('torch.')} expert weights run the torch reference "
+                "expert MLP, which reads the per-expert row counts on the host (the Triton grouped GEMMs serve "
+                "bfloat16, float16 and FP8)")
     if any(layer.recorder is not None for layer in moe):
         return "expert-load recording (EPLB) counts each step into a row of its own, which a graph would fix"
     if any(layer.redundant and layer.dispatch_algorithm == "random" for layer in moe):

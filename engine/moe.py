@@ -17,6 +17,7 @@ from engine.config import ModelConfig
 from engine.layers import FP8_BLOCK, FP8_COMPUTE_DTYPE, MLP, Linear, take
 from engine.weights import SCALE_SUFFIX
 from eplb.placement import ExpertPlacement, map_random, map_static
+from kernels.checks import FP8, HALF
 from kernels.grouped_gemm import grouped_mlp
 from kernels.router import route
 from parallel.deepep_layout import dequantize_tokens
@@ -129,6 +130,10 @@ class MoE:
     def expert_tensors(self) -> list[torch.Tensor]:
         """This rank's expert weights, each `[E_local, ...]`: what a placement change moves between ranks."""
         return self.weights.tensors()
+
+    def triton_experts(self) -> bool:
+        """Whether the local expert MLP runs on the Triton grouped GEMMs (no host sync), not the torch reference."""
+        return self.weights.w13.is_cuda and self.weights.w13.dtype in (*HALF, FP8)
 
     def experts(self, tokens) -> torch.Tensor:
         """Local expert MLPs over `DispatchedTokens`, answering in the same layout."""
