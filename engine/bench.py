@@ -438,7 +438,9 @@ def run_bench(args: argparse.Namespace, source: ModelSource, par: EngineParallel
         "runtime": args.runtime,
         **({"page_size": args.page_size, "peak_running_requests": stats0.peak_running,
             "retractions": stats0.retractions, "kv_cache_pages": stats0.num_pages,
-            "kv_cache_peak_use": stats0.peak_kv_use} if args.runtime == "continuous" else {}),
+            "kv_cache_peak_use": stats0.peak_kv_use, "cuda_graph": stats0.cuda_graph,
+            "cuda_graph_sizes": stats0.cuda_graph_sizes, "graph_decode_steps": stats0.graph_decode_steps}
+           if args.runtime == "continuous" else {}),
         "world_size": world,
         "load_balance_method": args.load_balance_method,
         "ep_size": par.config.ep_size,

@@ -45,9 +45,10 @@ def add_runtime_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("runtime")
     g.add_argument("--load-balance-method", choices=["round_robin", "shortest_queue"], default="round_robin",
                    help="how requests are spread over data-parallel attention ranks (shortest_queue balances tokens)")
-    g.add_argument("--runtime", choices=["static", "continuous"], default="static",
-                   help="static: fixed batches run to the end; continuous: continuous batching over a paged KV cache "
-                        "with chunked prefill and retraction")
+    g.add_argument("--runtime", choices=["static", "continuous"], default="continuous",
+                   help="continuous (default): continuous batching over a paged KV cache with chunked prefill, "
+                        "retraction and CUDA-graph decode; static: fixed batches run to the end (the simple path "
+                        "the continuous runtime is tested against)")
     g.add_argument("--page-size", type=int, default=1, help="tokens per KV cache page (continuous runtime)")
     g.add_argument("--chunked-prefill-size", type=int, default=None,
                    help="prompt tokens per prefill step of the continuous runtime (default: --max-prefill-tokens)")

@@ -78,7 +78,7 @@ def test_rebalance_windows_split_decode_steps_at_the_first_rebalance():
 def test_bench_reports_throughput_around_the_first_rebalance_and_memory(capsys):
     flags = ["--dataset-name", "skewed", "--num-prompts", "8", "--random-input-len", "16", "--random-output-len",
              "10", "--random-range-ratio", "1.0", "--max-running-requests", "8", "--no-step-breakdown"]
-    assert main(flags + ["--enable-eplb", "--eplb-rebalance-num-iterations", "3"]) == 0
+    assert main(flags + ["--enable-eplb", "--eplb-rebalance-num-iterations", "3", "--runtime", "static"]) == 0
     out = capsys.readouterr().out
     result = json.loads(out.strip().splitlines()[-1])
     assert result["dataset_name"] == "skewed" and result["skew_exponent"] == 1.2
