@@ -16,7 +16,8 @@ from engine.config import ModelConfig
 from engine.layers import Linear, RMSNorm, take
 from engine.rope import RotaryEmbedding
 from kernels.attention_backend import AttentionBackend, TorchAttention
-from kernels.mla import mla_extend_torch, pages_to_slots
+from kernels.mla import pages_to_slots
+from kernels.mla_extend import mla_extend
 
 
 class MLAttention:
@@ -91,6 +92,6 @@ class MLAttention:
             kv = self.kv_b_proj(latent.to(q.dtype)).view(-1, self.heads, self.nope + self.v_dim)
             k_nope, v = kv.split([self.nope, self.v_dim], dim=-1)
             k = torch.cat([k_nope, k_rope.to(q.dtype).unsqueeze(1).expand(-1, self.heads, -1)], dim=-1)
-            out[start : start + n] = mla_extend_torch(q[start : start + n], k, v, prefix, self.scale)
+            out[start : start + n] = mla_extend(q[start : start + n], k, v, prefix, self.scale)
             start += n
         return out

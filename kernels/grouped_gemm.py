@@ -37,7 +37,7 @@ class TileConfig:
     every expert in turn (`gemm_persistent_kernel`). flatten (persistent only): pipeline the tile loop and the K
     loop as one, so the next tile's loads start during the current tile. warp_specialize: ask Triton to split the
     loop (the K loop, or the tile loop when persistent) into producer and consumer warps; a compiler that cannot
-    fails to compile it (`scripts/sweep_gemm.py` reports that and goes on).
+    fails to compile it (`scripts/sweep_kernels.py` reports that and goes on).
     FP8 needs block_k == 128 and block_n dividing 128 or a multiple of 128 (one weight scale per column then)."""
 
     block_m: int

@@ -3,7 +3,7 @@ of the reference `kernels.mla.mla_decode_torch` plus a page size.
 
 flashinfer is imported lazily: it is an optional GPU dependency (`pip install flashinfer-python==0.5.3`, the `gpu`
 extra). Its kernels are compiled with nvcc on first use (about 10 s per dtype) and cached under ~/.cache/flashinfer.
-Only decode goes through flashinfer; prefill and extend keep `kernels.mla.mla_extend_torch`.
+Only decode goes through flashinfer; prefill and extend go through `kernels.mla_extend` (SDPA on GPUs).
 """
 
 from __future__ import annotations
