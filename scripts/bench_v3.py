@@ -28,7 +28,7 @@ SHAPES = {
     "1000-1000": ["--random-input-len", "1000", "--random-output-len", "1000"],
     "2000-100": ["--random-input-len", "2000", "--random-output-len", "100"],
     "eplb-skewed": ["--dataset-name", "skewed", "--random-input-len", "1000", "--random-output-len", "200",
-                    "--ep-num-redundant-experts", "32", "--enable-eplb"],
+                    "--enable-eplb"],
 }
 
 
@@ -37,10 +37,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--logs", required=True, help="folder for logs and results.jsonl")
     p.add_argument("--nproc", type=int, default=1, help="GPUs (ranks) per case")
     p.add_argument("--num-layers", type=int, required=True, help="decoder layers of the v3 model (first 3 dense)")
+    p.add_argument("--model", default="v3", help="preset (tiny: a CPU dry run of the matrix)")
+    p.add_argument("--device", default="cuda")
     p.add_argument("--cases", nargs="+", default=["1000-1000", "2000-100"])
     p.add_argument("--prompts-per-gpu", type=int, default=256, help="--num-prompts is this times --nproc")
     p.add_argument("--max-running-requests", type=int, default=256, help="per rank")
     p.add_argument("--rebalance-every", type=int, default=100, help="steps between rebalances (eplb cases)")
+    p.add_argument("--redundant-experts", type=int, default=32, help="--ep-num-redundant-experts (eplb cases)")
     p.add_argument("--timeout", type=int, default=300, help="seconds per case")
     p.add_argument("extra", nargs=argparse.REMAINDER, help="after --: more engine.bench flags for every case")
     return p.parse_args(argv)
@@ -50,15 +53,17 @@ def case_command(args: argparse.Namespace, case: str, results: Path) -> list[str
     dispatcher, _, shape = case.rpartition(":")
     if shape not in SHAPES:
         raise SystemExit(f"bench_v3: unknown case {case!r}; shapes are {', '.join(SHAPES)}")
-    flags = ["--model", "v3", "--num-layers", str(args.num_layers), "--load-format", "dummy", "--fp8-weights", "on",
-             "--device", "cuda", "--runtime", "continuous", "--page-size", "16",
+    flags = ["--model", args.model, "--num-layers", str(args.num_layers), "--load-format", "dummy",
+             "--fp8-weights", "on" if args.device == "cuda" else "off", "--device", args.device,
+             "--runtime", "continuous", "--page-size", "16",
              "--num-prompts", str(args.prompts_per_gpu * args.nproc), "--random-range-ratio", "1.0",
              "--max-running-requests", str(args.max_running_requests), "--result-filename", str(results),
              *SHAPES[shape]]
     if shape == "eplb-skewed":
-        flags += ["--eplb-rebalance-num-iterations", str(args.rebalance_every)]
+        flags += ["--eplb-rebalance-num-iterations", str(args.rebalance_every),
+                  "--ep-num-redundant-experts", str(args.redundant_experts)]
     if args.nproc > 1:
-        flags += ["--moe-a2a-backend", dispatcher or "deepep", "--enable-dp-attention"]
+        flags += ["--moe-a2a-backend", dispatcher or "deepep", "--enable-dp-attention", "--ep-size", str(args.nproc)]
         launcher = ["torchrun", "--standalone", f"--nproc-per-node={args.nproc}", "-m", "engine.bench"]
     else:
         launcher = [sys.executable, "-m", "engine.bench"]
@@ -119,7 +124,8 @@ def main(argv: list[str] | None = None) -> int:
                   if p.stat().st_size), None)
     if first:
         print(f"\ndevice {first['device']} x{args.nproc}, commit {first['commit']}, {first['date'][:10]}, "
-              f"v3 {first['num_layers']} layers, fp8 {first['fp8_weights']}, page size {first.get('page_size')}")
+              f"{first['model']} {first['num_layers']} layers, fp8 {first['fp8_weights']}, "
+              f"page size {first.get('page_size')}")
     header = ["case", "in/out x prompts", "tok/s/GPU", "out tok/s/GPU", "decode step ms", "decode batch",
               "peak GB/rank", "decode step shares", "EPLB"]
     print(" | ".join(header))

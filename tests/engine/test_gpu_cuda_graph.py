@@ -167,7 +167,7 @@ def test_deepep_low_latency_graph_decode_same_tokens_on_2_gpus(tmp_path):
                "--max-new-tokens", "6", "--ignore-eos", "--device", "cuda", "--dtype", "bfloat16",
                "--ep-size", "2", "--enable-dp-attention", "--moe-a2a-backend", "deepep",
                "--deepep-mode", "low_latency", "--no-deepep-fp8-dispatch", "--runtime", "continuous",
-               "--page-size", "16", *extra]
+               "--page-size", "16", "--max-prefill-tokens", "64", *extra]
         proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300, check=False)
         log = f"exit {proc.returncode}\nstdout: {proc.stdout[-3000:]}\nstderr: {proc.stderr[-8000:]}"
         assert proc.returncode == 0, log
