@@ -28,6 +28,11 @@ class MLADecodeConfig:
     lazy_rescale: keep each head's running max until it grows by more than 2^8 (the weights then stay below 256),
     so that most token blocks skip rescaling the `[block_h, r]` fp32 accumulator (128 multiplies a thread a block
     at the default tiling) and the MMA that follows does not wait on them; the result is the same up to rounding.
+
+    split_qk: compute each `[block_h, block_n]` score tile once, half of its columns in each warpgroup. Without it
+    Triton lays a product that feeds another product with all warps along M, and with 64 heads (one warpgroup's
+    rows) both warpgroups compute the whole tile: the QK^T product (576 of the 1088 FLOP a score) runs twice, each
+    time reading q and the rows from shared memory in narrow n32 MMAs. The kernel breaks that chain (see the loop).
     """
 
     block_h: int = 64
@@ -36,12 +41,13 @@ class MLADecodeConfig:
     num_stages: int = 3
     num_splits: int | None = None
     lazy_rescale: bool = False
+    split_qk: bool = False
 
     def short(self) -> str:
-        """A compact name: `h64 n64 w8 s3 splits=auto lazy`."""
-        lazy = " lazy" if self.lazy_rescale else ""
+        """A compact name: `h64 n64 w8 s3 splits=auto lazy splitqk`."""
+        flags = (" lazy" if self.lazy_rescale else "") + (" splitqk" if self.split_qk else "")
         return (f"h{self.block_h} n{self.block_n} w{self.num_warps} s{self.num_stages} "
-                f"splits={self.num_splits or 'auto'}{lazy}")
+                f"splits={self.num_splits or 'auto'}{flags}")
 
 
 @functools.cache
@@ -144,7 +150,7 @@ def mla_decode_triton(
         RANK=r, ROPE_DIM=d_r, PAGE_SIZE=page_size,
         BLOCK_H=cfg.block_h, BLOCK_N=cfg.block_n, BLOCK_R=block_r, BLOCK_DR=block_dr,
         FINAL=final, DOT_PRECISION="ieee" if q_latent.dtype == torch.float32 else "tf32",
-        LAZY_RESCALE=cfg.lazy_rescale,
+        LAZY_RESCALE=cfg.lazy_rescale, SPLIT_QK=cfg.split_qk,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     if not final:

@@ -32,8 +32,8 @@ ROUTER_TOKENS = [128, 4096]
 ROUTER = dict(top_k=8, n_group=8, topk_group=4, routed_scaling_factor=2.5)
 NUM_EXPERTS = 256
 SWEEP = [  # alternatives to the default tiling (scripts/sweep_kernels.py times more, beside flashinfer)
-    MLADecodeConfig(lazy_rescale=True), MLADecodeConfig(block_n=32, num_stages=4), MLADecodeConfig(num_stages=2),
-    MLADecodeConfig(num_warps=16), MLADecodeConfig(num_splits=2),
+    MLADecodeConfig(lazy_rescale=True), MLADecodeConfig(split_qk=True), MLADecodeConfig(split_qk=True, num_stages=2),
+    MLADecodeConfig(split_qk=True, num_stages=2, lazy_rescale=True), MLADecodeConfig(split_qk=True, num_splits=2),
 ]
 
 

@@ -224,12 +224,20 @@ _CANDIDATES = {
         _t(128, 128, 64, 8, 4, "tma", "flat", p=2), _t(128, 256, 64, 8, 4, "tma", "ws"),
     ],
 }
+# MLA: the first sweep (lazy rescale 0.78-0.89x, 16 warps 0.5x, block_n 32 0.77x, 2 splits 0.8x the default) keeps
+# lazy rescale as the control. split_qk computes each score tile once instead of once per warpgroup (QK^T is half
+# the FLOPs); it leaves the registers at the 255 limit, so the stage counts (fewer gathers in flight: fewer spills,
+# zero with 2 stages and lazy rescale under Triton 3.9's ptxas), lazy rescale, 32-token blocks (no spills, but n16
+# MMAs) and 128-token blocks (n64 MMAs, one unpipelined 144 KB buffer) are tried with it.
 _MLA = [
-    MLADecodeConfig(lazy_rescale=True), MLADecodeConfig(num_stages=2), MLADecodeConfig(num_stages=2, lazy_rescale=True),
-    MLADecodeConfig(block_n=32, num_stages=3), MLADecodeConfig(block_n=32, num_stages=4),
-    MLADecodeConfig(block_n=32, num_stages=4, lazy_rescale=True), MLADecodeConfig(num_warps=16),
-    MLADecodeConfig(num_warps=16, lazy_rescale=True), MLADecodeConfig(block_n=32, num_warps=16, num_stages=4),
-    MLADecodeConfig(num_splits=2), MLADecodeConfig(num_splits=2, lazy_rescale=True),
+    MLADecodeConfig(lazy_rescale=True),
+    MLADecodeConfig(split_qk=True), MLADecodeConfig(split_qk=True, num_stages=2),
+    MLADecodeConfig(split_qk=True, num_stages=2, lazy_rescale=True), MLADecodeConfig(split_qk=True, lazy_rescale=True),
+    MLADecodeConfig(split_qk=True, num_stages=4), MLADecodeConfig(split_qk=True, num_stages=1),
+    MLADecodeConfig(split_qk=True, num_splits=2), MLADecodeConfig(split_qk=True, num_stages=2, num_splits=2),
+    MLADecodeConfig(split_qk=True, block_n=32, num_stages=4),
+    MLADecodeConfig(split_qk=True, block_n=32, num_stages=4, lazy_rescale=True),
+    MLADecodeConfig(split_qk=True, block_n=128, num_stages=1),
 ]
 
 

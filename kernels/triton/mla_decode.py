@@ -39,6 +39,7 @@ def mla_decode_split_kernel(
     FINAL: tl.constexpr,  # one split per sequence: normalise and write the output directly
     DOT_PRECISION: tl.constexpr,  # "ieee" for float32 inputs: TF32 would lose the reference's precision
     LAZY_RESCALE: tl.constexpr = False,  # rescale the accumulator only when a running max grows by > 2^8
+    SPLIT_QK: tl.constexpr = False,  # split each score tile between the warpgroups (see the loop)
 ):
     # Head blocks vary fastest in launch order, so the programs that share a chunk of latent rows run together
     # and all but the first find those rows in L2.
@@ -78,9 +79,19 @@ def mla_decode_split_kernel(
         kv = tl.load(rows + offs_r[None, :], mask=mask_n[:, None] & mask_r[None, :], other=0.0)  # [BLOCK_N, BLOCK_R]
         k_rope = tl.load(rows + RANK + offs_d[None, :], mask=mask_n[:, None] & mask_d[None, :], other=0.0)
 
-        s = tl.dot(q, tl.trans(kv), input_precision=DOT_PRECISION)
-        s = tl.dot(q_rope, tl.trans(k_rope), acc=s, input_precision=DOT_PRECISION)
-        s = tl.where(mask_n[None, :], s * scale_log2, float("-inf"))
+        if SPLIT_QK:
+            # Triton gives a product whose result reaches another product (through SSA values) all its warps along
+            # M, so a 64-row score tile is computed whole by each warpgroup. Two products, each scaled (a plain
+            # `dot + dot` is folded into `dot(acc=dot)`, a chain), and a branch between them and the softmax end
+            # that chain: the score tile is then split by columns between the warpgroups, each computing half.
+            s = (tl.dot(q, tl.trans(kv), input_precision=DOT_PRECISION) * scale_log2
+                 + tl.dot(q_rope, tl.trans(k_rope), input_precision=DOT_PRECISION) * scale_log2)
+            if n0 + BLOCK_N > end:  # only the last block needs the mask
+                s = tl.where(mask_n[None, :], s, float("-inf"))
+        else:
+            s = tl.dot(q, tl.trans(kv), input_precision=DOT_PRECISION)
+            s = tl.dot(q_rope, tl.trans(k_rope), acc=s, input_precision=DOT_PRECISION)
+            s = tl.where(mask_n[None, :], s * scale_log2, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, axis=1))  # finite: every block holds at least one valid token
         if LAZY_RESCALE:
             # Keep the running max (and skip rescaling the [BLOCK_H, RANK] accumulator) unless some head's max grew
