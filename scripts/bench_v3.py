@@ -64,6 +64,8 @@ def case_command(args: argparse.Namespace, case: str, results: Path) -> list[str
                   "--ep-num-redundant-experts", str(args.redundant_experts)]
     if args.nproc > 1:
         flags += ["--moe-a2a-backend", dispatcher or "deepep", "--enable-dp-attention", "--ep-size", str(args.nproc)]
+        if (dispatcher or "deepep") == "deepep":  # low-latency buffers sized for a full decode batch per rank
+            flags += ["--deepep-max-dispatch-tokens-per-rank", str(max(128, args.max_running_requests))]
         launcher = ["torchrun", "--standalone", f"--nproc-per-node={args.nproc}", "-m", "engine.bench"]
     else:
         launcher = [sys.executable, "-m", "engine.bench"]
