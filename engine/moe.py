@@ -1,4 +1,4 @@
-"""The MoE layer: router -> logical ids -> physical slots -> dispatch -> local expert GEMMs -> combine, plus shared experts.
+"""The MoE layer: router -> logical ids -> physical slots -> dispatch -> expert GEMMs -> combine, plus shared experts.
 
 The layer only ever computes the expert slots this rank holds; the dispatcher decides where tokens go, so the same
 code runs on one process (local dispatcher) and across ranks (torch all-to-all, DeepEP).
@@ -20,7 +20,6 @@ from eplb.placement import ExpertPlacement, map_random, map_static
 from kernels.checks import FP8, HALF
 from kernels.grouped_gemm import grouped_mlp
 from kernels.router import route
-from parallel.deepep_layout import dequantize_tokens
 from parallel.dispatcher import Dispatcher
 
 
@@ -102,6 +101,7 @@ class MoE:
         self.dispatch_algorithm = dispatch_algorithm
         # Seeded alike on every rank and device, so --ep-dispatch-algorithm random is reproducible.
         self.generator = torch.Generator(device=self.gate.device).manual_seed(1234 + layer)
+        self.ep_size = ep_size
         self.weights = stack_experts(weights, layer, placement.local_experts(self.moe_index, ep_rank, ep_size))
         self.dispatcher = dispatcher
         self.shared = MLP(weights, p + ".shared_experts") if cfg.n_shared_experts else None
@@ -135,14 +135,15 @@ class MoE:
         """Whether the local expert MLP runs on the Triton grouped GEMMs (no host sync), not the torch reference."""
         return self.weights.w13.is_cuda and self.weights.w13.dtype in (*HALF, FP8)
 
-    def experts(self, tokens) -> torch.Tensor:
-        """Local expert MLPs over `DispatchedTokens`, answering in the same layout."""
+    def experts(self, tokens, expected_m: int | None = None) -> torch.Tensor:
+        """Local expert MLPs over `DispatchedTokens`, answering in the same layout. expected_m: mean rows per
+        local slot, to pick tiles and size the grid of the masked layout (whose max_m holds a worst case)."""
         w = self.weights
-        if tokens.scales is not None:  # FP8 dispatch (DeepEP): the expert MLP takes the rows dequantized
-            tokens = dequantize_tokens(tokens, FP8_COMPUTE_DTYPE if w.w13_scale is not None else w.w13.dtype)
-        # Triton grouped GEMMs on CUDA tensors; elsewhere the torch reference (grouped_mlp_contiguous / _masked).
+        # An FP8 dispatch (DeepEP) goes into the FP8 GEMM as it came, 1x128 scales and all; bf16/fp16 experts
+        # dequantize it first. Triton grouped GEMMs on CUDA tensors; elsewhere the torch reference.
         return grouped_mlp(tokens.hidden, tokens.tokens_per_expert, tokens.layout, w.w13, w.w2,
-                           w13_scale=w.w13_scale, w2_scale=w.w2_scale)
+                           w13_scale=w.w13_scale, w2_scale=w.w2_scale, hidden_scale=tokens.scales,
+                           expected_m=expected_m if tokens.layout == "masked" else None)
 
     def __call__(self, x: torch.Tensor, positions: torch.Tensor, mode: str = "prefill") -> torch.Tensor:
         """x: `[T, H]`, positions: `[T]`; mode: the step's job-wide mode, for the dispatcher -> `[T, H]`."""
@@ -151,8 +152,10 @@ class MoE:
         # time shows.
         with step_timer.scope("dispatch"):
             tokens, handle = self.dispatcher.dispatch(x, ids, weights, mode)
+        # Mean rows per slot if every rank sent this many tokens: shapes only, so it holds in a CUDA graph.
+        expected_m = max(1, -(-x.shape[0] * self.cfg.num_experts_per_tok * self.ep_size // self.placement.num_slots))
         with step_timer.scope("experts"):
-            y = self.experts(tokens)
+            y = self.experts(tokens, expected_m)
         with step_timer.scope("combine"):
             out = self.dispatcher.combine(y, handle)
         if self.shared is not None:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -110,13 +111,17 @@ def main(argv: list[str] | None = None) -> int:
         cmd = case_command(args, case, results)
         log = logs / f"{case.replace(':', '_')}.log"
         print(f"[bench_v3] {case}: {' '.join(cmd)}", flush=True)
-        try:
-            with open(log, "w") as out:
-                rc = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, timeout=args.timeout,
-                                    check=False).returncode
-        except subprocess.TimeoutExpired:
-            rows.append([case, f"TIMEOUT after {args.timeout} s (see {log})"])
-            continue
+        with open(log, "w") as out:
+            # A session of its own, so a timeout ends torchrun's ranks too: a rank left behind would hold its GPU
+            # (and DeepEP's NVSHMEM heap) and fail the next case.
+            proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+            try:
+                rc = proc.wait(timeout=args.timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+                rows.append([case, f"TIMEOUT after {args.timeout} s (see {log})"])
+                continue
         if rc != 0 or not results.exists():
             tail = log.read_text().strip().splitlines()[-1:] or ["(no output)"]
             rows.append([case, f"FAILED rc={rc}: {tail[0][:120]}"])
