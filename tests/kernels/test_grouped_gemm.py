@@ -153,6 +153,25 @@ def test_grouped_mlp_takes_fp8_dispatched_tokens():
     assert rel(y, y_ref) < 3e-2
 
 
+def test_masked_mlp_takes_deepep_fp8_dispatch_with_transposed_scales():
+    """DeepEP's low-latency FP8 dispatch: e4m3 rows `[E, max_m, H]` and scales stored `[E, H/128, max_m]` then
+    transposed (row-fastest), with an expected_m far below some counts (programs walk several row tiles): the
+    same valid rows as the reference, and nothing needs a copy of the scales."""
+    e, max_m, h, inter = 3, 20, 256, 128
+    counts = torch.tensor([17, 0, 3], device=DEV)
+    x = rand(e, max_m, h, seed=11)
+    x_q, x_s = act_quant_ref(x)
+    x_s_t = x_s.transpose(1, 2).contiguous().transpose(1, 2)  # DeepEP's layout: rows fastest
+    assert x_s_t.stride(1) == 1 and torch.equal(x_s_t, x_s)
+    w13, s13 = fp8_experts(rand(e, 2 * inter, h, seed=12, scale=0.1))
+    w2, s2 = fp8_experts(rand(e, h, inter, seed=13, scale=0.1))
+    y = grouped_mlp(x_q, counts, "masked", w13, w2, w13_scale=s13, w2_scale=s2, hidden_scale=x_s_t,
+                    expected_m=4, backend="triton")
+    y_ref = grouped_mlp_ref(x_q, counts, "masked", w13, w2, w13_scale=s13, w2_scale=s2, hidden_scale=x_s)
+    ok = valid_rows(counts, max_m)
+    assert rel(y[ok], y_ref[ok]) < 3e-2
+
+
 def test_auto_on_cpu_is_the_engine_reference_bit_for_bit():
     counts = torch.tensor([3, 0, 5])
     x = torch.randn(8, 64, generator=gen(1)).bfloat16()
