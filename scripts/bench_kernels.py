@@ -388,12 +388,15 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     device = torch.device("cuda")
     torch.manual_seed(0)
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                                text=True).stdout.strip()
-    except OSError:
-        commit = ""
-    commit = commit or os.environ.get("WIDEEP_COMMIT", "unknown")  # a copied tree has no .git
+    # The tree copied to a GPU machine may carry no .git (or a stale one): the commit it holds comes first.
+    commit = os.environ.get("WIDEEP_COMMIT", "")
+    if not commit:
+        try:
+            commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                                    text=True, check=False).stdout.strip()
+        except OSError:
+            commit = ""
+    commit = commit or "unknown"
     header = (f"# {torch.cuda.get_device_name()}, {datetime.date.today()}, torch {torch.__version__}, "
               f"triton {__import__('triton').__version__}, commit {commit}")
     print(header, flush=True)
