@@ -13,34 +13,26 @@ import argparse
 import contextlib
 import datetime
 import json
-import logging
 import math
 import os
 import platform
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from engine import step_timer
+from engine.bench_breakdown import BREAKDOWN_OUTPUT_LEN, breakdown_pass, format_shares, step_breakdown
+from engine.bench_rebalance import StepHooks, rebalance_throughput, rebalance_windows
 from engine.build import ModelSource, pick_dtype
 from engine.cli_args import add_model_args, make_runner, setup_logging
+from engine.datasets import random_requests
 from engine.distributed import EngineParallel, build_parallel_model
 from engine.dp_balance import assign_ranks
 from engine.errors import WideepError, run_cli
-from engine.model import DeepseekV3
-from engine.runner import Request
-from engine.sampling import SamplingParams
-from engine.step_timer import CATEGORIES, StepTimer
-
-log = logging.getLogger("wideep")
-# Output tokens per request in the breakdown pass: enough decode steps to average over, short enough that the pass
-# costs little next to the timed run (the context, and so decode attention, stays near the prompt length).
-BREAKDOWN_OUTPUT_LEN = 16
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -81,36 +73,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def random_requests(args: argparse.Namespace, vocab: int, seed: int) -> list[Request]:
-    """Prompts of `--dataset-name`, with lengths drawn as sglang's random dataset draws them; the same for a seed.
-
-    random: token ids uniform over `[0, vocab)`. skewed: token ids from a Zipf law, `P(k-th most frequent) ~
-    k^-skew_exponent`, the frequency ranks spread over the vocabulary by a seeded permutation (so the most frequent
-    token is no special token). With dummy weights a repeated token routes alike, so skewed prompts load a few
-    experts more than the rest.
-    """
-    g = torch.Generator().manual_seed(seed)
-
-    def lengths(full: int) -> list[int]:
-        low = max(int(full * args.random_range_ratio), 1)
-        return torch.randint(low, full + 1, (args.num_prompts,), generator=g).tolist()
-
-    inputs, outputs = lengths(args.random_input_len), lengths(args.random_output_len)
-    if args.dataset_name == "skewed":
-        token_of_rank = torch.randperm(vocab, generator=g)
-        weights = torch.arange(1, vocab + 1, dtype=torch.float64).pow(-args.skew_exponent)
-
-        def draw(n: int) -> list[int]:
-            return token_of_rank[torch.multinomial(weights, n, replacement=True, generator=g)].tolist()
-    else:
-        def draw(n: int) -> list[int]:
-            return torch.randint(0, vocab, (n,), generator=g).tolist()
-    return [
-        Request(i, draw(n_in), SamplingParams(max_new_tokens=n_out, ignore_eos=not args.disable_ignore_eos))
-        for i, (n_in, n_out) in enumerate(zip(inputs, outputs))
-    ]
-
-
 def git_commit() -> str:
     """The checkout's short commit; `WIDEEP_COMMIT` names it where the tree was copied without its .git."""
     if os.environ.get("WIDEEP_COMMIT"):
@@ -146,11 +108,6 @@ def profiled(folder: str | None, rank: int, device: torch.device) -> Iterator[No
     with torch.profiler.profile(activities=activities) as prof:
         yield
     prof.export_chrome_trace(str(Path(folder) / f"trace_rank{rank}.json"))
-
-
-def format_shares(shares: dict[str, float]) -> str:
-    """Attention, experts, dispatch + combine and the rest, as whole percentages."""
-    return " / ".join(f"{100 * shares[k]:.0f}%" for k in ("attention", "experts", "dispatch_combine", "rest"))
 
 
 def print_table(result: dict) -> None:
@@ -219,134 +176,12 @@ def main(argv: list[str] | None = None) -> int:
         par.close()
 
 
-class StepHooks:
-    """The runner's end-of-step callback in the bench: closes the step timer's step, logs decode work of the timed
-    run (`decode_log`: job-wide step -> (output tokens, seconds) on this rank, from the runner's stats) and passes
-    the step on to EPLB, except in the breakdown pass (which must neither record load nor rebalance)."""
-
-    def __init__(self, eplb_on_step_end: Callable[[int], None]) -> None:
-        self.eplb_on_step_end = eplb_on_step_end
-        self.runner = None  # set once the runner exists: its stats give each step's decode work
-        self.timer: StepTimer | None = None
-        self.untimed_steps = 0  # steps of the breakdown pass that opened no timer step (no eager forward)
-        self.logging = False
-        self.decode_log: dict[int, tuple[int, float]] = {}
-        self._seen = (0, 0.0)
-
-    def start_log(self) -> None:
-        self.logging, self.decode_log = True, {}
-        self._seen = (self.runner.stats.decode_tokens, self.runner.stats.decode_s)
-
-    def __call__(self, step: int) -> None:
-        if self.timer is not None:
-            self.untimed_steps += not self.timer.end_step()
-            return
-        if self.logging:
-            stats = self.runner.stats
-            tokens, seconds = stats.decode_tokens - self._seen[0], stats.decode_s - self._seen[1]
-            if tokens:
-                self.decode_log[step] = (tokens, seconds)
-            self._seen = (stats.decode_tokens, stats.decode_s)
-        self.eplb_on_step_end(step)
-
-
-def rebalance_windows(decode_log: dict[int, tuple[int, float]], rebalance_steps: list[int]) -> list[float] | None:
-    """This rank's decode work around the timed run's first rebalance: `[tokens, seconds]` of the decode steps up to
-    and including the rebalancing step, then `[tokens, seconds]` of those after it up to the next rebalance (or the
-    end). None when no rebalance fell inside the logged steps."""
-    steps = sorted(decode_log)
-    inside = [s for s in rebalance_steps if steps and steps[0] <= s <= steps[-1]]
-    if not inside:
-        return None
-    first, nxt = inside[0], next((s for s in rebalance_steps if s > inside[0]), math.inf)
-    before = [decode_log[s] for s in steps if s <= first]
-    after = [decode_log[s] for s in steps if first < s <= nxt]
-    return [sum(t for t, _ in before), sum(x for _, x in before), sum(t for t, _ in after), sum(x for _, x in after)]
-
-
-@contextlib.contextmanager
-def timed_steps(model: DeepseekV3, timer: StepTimer) -> Iterator[None]:
-    """Activates `timer` and opens one of its steps at every forward of `model` (the step's mode is the batch's);
-    `StepHooks` closes it at the end of the step, so a step's time includes sampling."""
-    forward = model.forward
-
-    def opening_a_step(batch, *rest, **kwargs):
-        timer.begin_step(batch.mode)
-        return forward(batch, *rest, **kwargs)
-
-    model.forward = opening_a_step  # an instance attribute over the method, for this pass only
-    try:
-        with step_timer.activate(timer):
-            yield
-    finally:
-        del model.forward
-
-
-def breakdown_pass(args: argparse.Namespace, model: DeepseekV3, par: EngineParallel, hooks: StepHooks,
-                   everyone: list[Request]) -> dict:
-    """Re-runs the first prompts (one batch per rank, BREAKDOWN_OUTPUT_LEN output tokens) on an eager runner with a
-    step timer. Returns this rank's `{"shares": {mode: shares}, "steps": {mode: n}, "mean_step_ms": {mode: ms}}`.
-
-    The runner is built with `disable_cuda_graph` set, as `--disable-cuda-graph` sets it, so that its decode steps
-    run eagerly. Should graphs replay anyway, those steps run no Python: they are counted as untimed (with a
-    warning) and left out, as is a mode whose steps showed no span at all.
-    """
-    n = min(len(everyone), par.world_size * args.max_running_requests)
-    again = [Request(r.rid, r.input_ids, SamplingParams(max_new_tokens=min(r.params.max_new_tokens,
-                                                                           BREAKDOWN_OUTPUT_LEN),
-                                                        ignore_eos=r.params.ignore_eos)) for r in everyone[:n]]
-    owner = assign_ranks([r.max_tokens for r in again], par.world_size, args.load_balance_method)
-    eager = argparse.Namespace(**{**vars(args), "disable_cuda_graph": True})
-    runner = make_runner(eager, model, args.seed, par.sync, hooks)
-    timer = StepTimer(par.device)
-    hooks.timer, hooks.untimed_steps = timer, 0
-    try:
-        with timed_steps(model, timer):
-            runner.generate([r for r, rank in zip(again, owner) if rank == par.rank])
-    finally:
-        hooks.timer = None
-    if hooks.untimed_steps:
-        log.warning("step breakdown: %d steps ran without an eager forward (CUDA graph replays?) and are not in "
-                    "it; run with --disable-cuda-graph", hooks.untimed_steps)
-    shares = {}
-    for mode in timer.steps:
-        got = timer.shares(mode)
-        if got is not None and sum(got[c] for c in CATEGORIES) == 0.0:
-            log.warning("step breakdown: %d %s steps ran without any timed span (CUDA graphs?); left out",
-                        timer.steps[mode], mode)
-        elif got is not None:
-            shares[mode] = got
-    return {"shares": shares, "steps": dict(timer.steps), "untimed_steps": hooks.untimed_steps,
-            "mean_step_ms": {m: timer.mean_step_ms(m) for m in timer.steps if timer.steps[m]}}
-
-
 def kv_cache_bytes(runner) -> int:
     """Bytes of the runner's KV cache buffer (0 before it has one): `cache` of the continuous runner, `_cache` of
     the static one, which exposes it no other way."""
     cache = getattr(runner, "cache", None) or getattr(runner, "_cache", None)
     buffer = getattr(cache, "buffer", None)
     return 0 if buffer is None else buffer.numel() * buffer.element_size()
-
-
-def rebalance_throughput(windows: list[list[float] | None]) -> dict:
-    """Job-wide decode output tokens/s before and after the timed run's first rebalance, from every rank's
-    `rebalance_windows` (tokens summed over ranks, over the slowest rank's seconds); empty without a rebalance."""
-    if any(w is None for w in windows):
-        return {}
-    before_s, after_s = max(w[1] for w in windows), max(w[3] for w in windows)
-    out = {"throughput_before_rebalance": sum(w[0] for w in windows) / before_s if before_s > 0 else 0.0}
-    if after_s > 0:  # a rebalance after the last decode step leaves nothing after it
-        out["throughput_after_rebalance"] = sum(w[2] for w in windows) / after_s
-    return out
-
-
-def step_breakdown(per_rank: list[dict]) -> dict:
-    """Rank 0's step-time shares per mode, the largest share of each over ranks, and how the pass ran on rank 0."""
-    return {"step_breakdown": per_rank[0]["shares"],
-            "step_breakdown_max": step_timer.max_shares([r["shares"] for r in per_rank]),
-            "step_breakdown_pass": {"output_len": BREAKDOWN_OUTPUT_LEN, "steps": per_rank[0]["steps"],
-                                    "untimed_steps": per_rank[0]["untimed_steps"],
-                                    "mean_step_ms": per_rank[0]["mean_step_ms"]}}
 
 
 def run_bench(args: argparse.Namespace, source: ModelSource, par: EngineParallel) -> int:

@@ -5,8 +5,10 @@ import json
 import pytest
 import torch
 
-from engine.bench import main, parse_args, random_requests, rebalance_throughput, rebalance_windows
+from engine.bench import main, parse_args
+from engine.bench_rebalance import rebalance_throughput, rebalance_windows
 from engine.build import ModelSource, build_model
+from engine.datasets import random_requests
 from engine.errors import WideepError
 from engine.runner import Runner
 from eplb.algorithm import balancedness
