@@ -24,8 +24,6 @@ import argparse
 import datetime
 import importlib.util
 import json
-import os
-import subprocess
 import sys
 import time
 import traceback
@@ -36,6 +34,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from engine.bench import git_commit  # noqa: E402
 from kernels.act_quant import act_quant, silu_mul_quant  # noqa: E402
 from kernels.fp8_gemm import fp8_gemm  # noqa: E402
 from kernels.grouped_gemm import TileConfig, grouped_gemm, grouped_mlp  # noqa: E402
@@ -388,15 +387,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     device = torch.device("cuda")
     torch.manual_seed(0)
-    # The tree copied to a GPU machine may carry no .git (or a stale one): the commit it holds comes first.
-    commit = os.environ.get("WIDEEP_COMMIT", "")
-    if not commit:
-        try:
-            commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                                    text=True, check=False).stdout.strip()
-        except OSError:
-            commit = ""
-    commit = commit or "unknown"
+    commit = git_commit()  # WIDEEP_COMMIT first: a tree copied to a GPU machine may carry a stale .git
     header = (f"# {torch.cuda.get_device_name()}, {datetime.date.today()}, torch {torch.__version__}, "
               f"triton {__import__('triton').__version__}, commit {commit}")
     print(header, flush=True)
