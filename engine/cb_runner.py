@@ -26,7 +26,7 @@ from engine.cuda_graph import DEFAULT_MAX_BS, DecodeGraphRunner, capture_sizes, 
 from engine.errors import WideepError
 from engine.model import DeepseekV3
 from engine.paged_cache import PagedLatentKVCache, pages_for_memory
-from engine.runner import Request, StepStats, check_requests, sample_next
+from engine.runner import Request, StepStats, check_requests, run_agreed_steps, sample_next
 from engine.scheduler import Plan, Scheduler, SchedulerConfig
 from parallel.step_sync import LocalStepSync, StepSync
 
@@ -137,22 +137,13 @@ class ContinuousRunner:
         for r in requests:
             sched.add(r)
         pieces: dict[int, list[torch.Tensor]] = {}  # prompt logits gathered chunk by chunk
-        while True:
-            plan = sched.next_step()
-            with self.sync.guard(self._step, "agreeing on the next step"):
-                go, prefill = self.sync.agree(plan is not None, plan is not None and plan.prefill)
-            if not go:
-                break
-            mode = "prefill" if prefill else "decode"
-            with self.sync.guard(self._step, f"{mode} forward"):
-                self._run(plan, mode, cache, pieces if prompt_logits else None, on_step)
+        def run(plan: Plan | None, mode: str) -> None:
+            self._run(plan, mode, cache, pieces if prompt_logits else None, on_step)
             if plan is not None:
                 self.stats.peak_running = max(self.stats.peak_running, len(sched.running))
                 sched.step_done(plan)
-            if self.on_step_end is not None:
-                with self.sync.guard(self._step, "end of step (expert load, rebalance)"):
-                    self.on_step_end(self._step)
-            self._step += 1
+
+        self._step = run_agreed_steps(self.sync, self._step, sched.next_step, run, self.on_step_end)
         self.stats.retractions += sched.num_retractions
         return requests
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from typing import Callable, Iterator, TypeVar
 
 import torch
 
@@ -22,6 +22,8 @@ from engine.errors import WideepError
 from engine.model import DeepseekV3
 from engine.sampling import SamplingParams, request_seed, sample
 from parallel.step_sync import LocalStepSync, StepSync
+
+P = TypeVar("P")  # a runner's plan of one step: anything with a `prefill` flag
 
 
 @dataclass
@@ -43,6 +45,35 @@ def sample_next(reqs: list[Request], logits: torch.Tensor, job_seed: int) -> lis
     seed, or one derived from `job_seed` and its id), so the draw does not depend on the batch or the rank."""
     seeds = [r.params.seed if r.params.seed is not None else request_seed(job_seed, r.rid) for r in reqs]
     return sample(logits, [r.params for r in reqs], seeds, [len(r.output_ids) for r in reqs]).tolist()
+
+
+def run_agreed_steps(
+    sync: StepSync,
+    first_step: int,
+    next_plan: Callable[[], P | None],
+    run: Callable[[P | None, str], None],
+    on_step_end: Callable[[int], None] | None,
+) -> int:
+    """The step machine both runners share; returns the job-wide index of the next step.
+
+    Each step: this rank's plan (None: nothing of its own), every rank agreeing whether any rank has work and
+    whether any prefills (the step's mode), `run(plan, mode)` (an idle rank runs an empty batch in it), then
+    `on_step_end(step)` on every rank. Each phase sits under the watchdog guard that names the step.
+    """
+    step = first_step
+    while True:
+        plan = next_plan()
+        with sync.guard(step, "agreeing on the next step"):
+            go, prefill = sync.agree(plan is not None, plan is not None and plan.prefill)
+        if not go:
+            return step
+        mode = "prefill" if prefill else "decode"
+        with sync.guard(step, f"{mode} forward"):
+            run(plan, mode)
+        if on_step_end is not None:
+            with sync.guard(step, "end of step (expert load, rebalance)"):
+                on_step_end(step)
+        step += 1
 
 
 @dataclass(frozen=True)
@@ -143,19 +174,9 @@ class Runner:
         check_requests(requests, self.model.cfg.vocab_size)
         on_step = on_step or (lambda n: None)
         plan = self._plan(requests)
-        while True:
-            step = next(plan, None)
-            with self.sync.guard(self._step, "agreeing on the next step"):
-                go, prefill = self.sync.agree(step is not None, step is not None and step.prefill)
-            if not go:
-                break
-            mode = "prefill" if prefill else "decode"
-            with self.sync.guard(self._step, f"{mode} forward"):
-                self._run(step, mode, prompt_logits, on_step)
-            if self.on_step_end is not None:
-                with self.sync.guard(self._step, "end of step (expert load, rebalance)"):
-                    self.on_step_end(self._step)
-            self._step += 1
+        self._step = run_agreed_steps(self.sync, self._step, lambda: next(plan, None),
+                                      lambda step, mode: self._run(step, mode, prompt_logits, on_step),
+                                      self.on_step_end)
         return requests
 
     def _plan(self, requests: list[Request]) -> Iterator[_Step]:
