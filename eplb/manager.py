@@ -18,12 +18,13 @@ import torch.distributed as dist
 
 from engine.config import ModelConfig
 from engine.errors import WideepError
-from eplb.algorithm import balancedness, rebalance
+from eplb.algorithm import balancedness, rebalance, resolve_algorithm
 from eplb.migration import migrate_layer, plan_moves
 from eplb.placement import ExpertPlacement
 from eplb.placement_file import is_placement, read_placement
 from eplb.recorder import MODES, ExpertLoadRecorder
 from eplb.stats import read_expert_load, read_json, save_dump, sniff
+from eplb.sticky import keep_in_place
 
 log = logging.getLogger("wideep")
 DISPATCH_ALGORITHMS = ("static", "random")
@@ -120,6 +121,7 @@ class RebalanceReport:
     balancedness_before: float  # mean over layers, of the old placement on the window's load
     balancedness_after: float
     per_layer_seconds: list[float] = field(default_factory=list)
+    slots_moved: int = 0  # slots, over all layers and ranks, whose expert changed
 
 
 class EplbManager:
@@ -158,10 +160,14 @@ class EplbManager:
         return load.cpu()
 
     def rebalance(self, step: int) -> RebalanceReport:
-        """Plans a placement from the window's load (summed over ranks) and moves the experts to it."""
+        """Plans a placement from the window's load (summed over ranks), relabels it so that slots keep the
+        experts they hold where the balance allows (`eplb.sticky`), and moves the experts to it."""
         load = self.global_load().double()
-        new = rebalance(load, self.model.placement.num_slots, self.model.cfg.n_group, self.nnodes, self.world,
-                        self.config.algorithm)
+        cfg, old = self.model.cfg, self.model.placement
+        new = rebalance(load, old.num_slots, cfg.n_group, self.nnodes, self.world, self.config.algorithm)
+        # The global policy ignores nodes, so any GPU may take any planned set; hierarchical keeps node blocks.
+        global_policy = resolve_algorithm(self.config.algorithm, cfg.n_group, self.nnodes) == "global"
+        new = keep_in_place(new, old, self.world, 1 if global_policy else self.nnodes)
         return self.apply(new, load, step)
 
     def apply(self, new: ExpertPlacement, load: torch.Tensor, step: int = -1) -> RebalanceReport:
@@ -170,10 +176,11 @@ class EplbManager:
         start = time.perf_counter()
         old = self.model.placement
         slots = old.slots_per_rank(self.world)
-        received, per_layer = 0, []
+        received, moved, per_layer = 0, 0, []
         for i, layer in enumerate(self.model.moe_layers()):
             t0 = time.perf_counter()
             moves = plan_moves(old.phy2log[i], new.phy2log[i], slots)
+            moved += len(moves)
             received += migrate_layer(layer.expert_tensors(), moves, self.rank, slots, self.group)
             if self.model.device.type == "cuda":
                 torch.cuda.synchronize(self.model.device)
@@ -181,11 +188,11 @@ class EplbManager:
         self.model.set_placement(new)
         report = RebalanceReport(step, time.perf_counter() - start, received,
                                  float(balancedness(load, old, self.world).mean()),
-                                 float(balancedness(load, new, self.world).mean()), per_layer)
+                                 float(balancedness(load, new, self.world).mean()), per_layer, moved)
         self.reports.append(report)
-        log.info("EPLB rebalance at step %d: balancedness %.3f -> %.3f, %.2f s, %.1f MB received on rank %d",
-                 step, report.balancedness_before, report.balancedness_after, report.seconds, received / 1e6,
-                 self.rank)
+        log.info("EPLB rebalance at step %d: balancedness %.3f -> %.3f, %.2f s, %d of %d slots moved, %.1f MB "
+                 "received on rank %d", step, report.balancedness_before, report.balancedness_after, report.seconds,
+                 moved, old.phy2log.numel(), received / 1e6, self.rank)
         return report
 
     def dump(self) -> None:
