@@ -50,6 +50,7 @@ class TileConfig:
     persistent: int = 0
     flatten: bool = False
     warp_specialize: bool = False
+    prefetch_scales: bool = False
 
     def short(self) -> str:
         """A compact name: `128x128x128 w8 s4 tma p1 flat ws`."""
@@ -58,6 +59,7 @@ class TileConfig:
         extra += [f"p{self.persistent}"] if self.persistent else []
         extra += ["flat"] if self.flatten and self.persistent else []
         extra += ["ws"] if self.warp_specialize else []
+        extra += ["pf"] if self.prefetch_scales else []
         return " ".join([f"{self.block_m}x{self.block_n}x{self.block_k} w{self.num_warps} s{self.num_stages}", *extra])
 
 
@@ -168,7 +170,8 @@ def run_gemm(
         "LAYOUT": _LAYOUT_CODE[layout], "FP8": fp8, "BLOCK_E": max(16, 1 << (num_experts - 1).bit_length()),
         "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "BLOCK_K": cfg.block_k, "GROUP_M": cfg.group_m,
         "EVEN_K": k % cfg.block_k == 0, "WIDEN": a.dtype == torch.bfloat16 and interpreting(),
-        "TMA": a_src is not a, "WS": cfg.warp_specialize, "num_warps": cfg.num_warps, "num_stages": cfg.num_stages,
+        "TMA": a_src is not a, "WS": cfg.warp_specialize,
+        "PREFETCH": cfg.prefetch_scales, "num_warps": cfg.num_warps, "num_stages": cfg.num_stages,
     }
     strides = (*a_strides, *as_strides, *b_strides, *bs_strides, *c_strides)
     if cfg.persistent:

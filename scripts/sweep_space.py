@@ -182,38 +182,37 @@ def default_tile(shape: GemmShape) -> TileConfig:
 def _t(bm, bn, bk, w, s, *flags, **kw) -> TileConfig:
     """TileConfig from (block_m, block_n, block_k, num_warps, num_stages, "tma", "flat", "ws", p=programs/SM)."""
     return TileConfig(bm, bn, bk, num_warps=w, num_stages=s, tma="tma" in flags, flatten="flat" in flags,
-                      warp_specialize="ws" in flags, persistent=kw.pop("p", 0), **kw)
+                      warp_specialize="ws" in flags, prefetch_scales="pf" in flags, persistent=kw.pop("p", 0), **kw)
 
 
 # Why these: persistent programs (p1/p2) end the half-empty last wave and, flattened, keep the loads of the next tile
 # in flight while the current one finishes (short K loops at decode, the epilogue at large M); block_n 256 doubles
 # the MMA work per loaded A tile (FP8 then applies one weight scale per column); 2 programs per multiprocessor (3
 # stages of 32 KB) let one program's scaling run while the other's MMAs do; warp specialization where Triton 3.6
-# supports it on Hopper; 16 warps halve the registers per thread of the 256-wide tiles.
+# supports it on Hopper; 16 warps halve the registers per thread of the 256-wide tiles. The FP8 lists of the second
+# sweep ("pf") fetch the block scales one K step ahead: Triton leaves them as plain loads whose latency stalled every
+# K step (seen in the TTGIR of the Triton 3.6 build); 64-row tiles with 2-3 programs a multiprocessor let one
+# program's scaling overlap another's MMAs.
 _CANDIDATES = {
     "fp8 rows<=16": [
-        _t(16, 64, 128, 4, 5, "tma", "flat", p=2), _t(16, 64, 128, 4, 6, "tma", "flat", p=4),
-        _t(16, 64, 128, 4, 5, "tma", "flat", p=1), _t(16, 128, 128, 4, 4, "tma"),
-        _t(16, 128, 128, 4, 5, "tma", "flat", p=2), _t(16, 64, 128, 4, 6), _t(16, 32, 128, 2, 6),
-        _t(16, 64, 128, 4, 6, "flat", p=4), _t(16, 256, 128, 8, 4, "tma"),
+        _t(16, 128, 128, 4, 4, "tma", "pf"), _t(16, 64, 128, 4, 5, "tma", "flat", "pf", p=2),
+        _t(16, 128, 128, 4, 5, "tma", "flat", "pf", p=2), _t(16, 64, 128, 4, 6, "tma", "pf"),
+        _t(16, 128, 128, 4, 6, "tma", "pf"), _t(16, 64, 128, 4, 5, "tma"),
     ],
     "fp8 rows<=32": [
-        _t(32, 64, 128, 4, 5, "tma"), _t(32, 64, 128, 4, 5, "tma", "flat", p=2), _t(32, 128, 128, 4, 4, "tma"),
-        _t(32, 64, 128, 4, 5, "flat", p=2), _t(32, 128, 128, 4, 5, "tma", "flat", p=2),
+        _t(32, 128, 128, 4, 5, "tma", "flat", "pf", p=2), _t(32, 64, 128, 4, 5, "tma", "pf"),
+        _t(32, 128, 128, 4, 4, "tma", "pf"),
     ],
     "fp8 rows<=256": [
-        _t(64, 128, 128, 4, 4, "tma", "flat", p=1), _t(64, 128, 128, 4, 3, "tma", "flat", p=2),
-        _t(64, 128, 128, 4, 5, "tma"), _t(64, 256, 128, 8, 4, "tma"), _t(64, 256, 128, 8, 3, "tma", "flat", p=1),
-        _t(128, 128, 128, 8, 4, "tma"), _t(64, 128, 128, 4, 4, "tma", "ws"),
+        _t(64, 128, 128, 4, 3, "tma", "flat", "pf", p=2), _t(64, 128, 128, 4, 4, "tma", "flat", "pf", p=1),
+        _t(128, 128, 128, 8, 4, "tma", "pf"), _t(64, 128, 128, 4, 4, "tma", "pf", p=2),
     ],
     "fp8 rows>256": [
-        _t(128, 128, 128, 8, 3, "tma"), _t(128, 128, 128, 8, 4, "tma", p=1),
-        _t(128, 128, 128, 8, 4, "tma", "flat", p=1), _t(128, 128, 128, 8, 3, "tma", "flat", p=2),
-        _t(128, 128, 128, 8, 5, "tma", "flat", p=1), _t(128, 128, 128, 8, 4, "tma", group_m=16),
-        _t(128, 256, 128, 8, 3, "tma"), _t(128, 256, 128, 8, 4, "tma"), _t(128, 256, 128, 8, 3, "tma", "flat", p=1),
-        _t(128, 256, 128, 16, 3, "tma"), _t(256, 128, 128, 8, 3, "tma"), _t(256, 128, 128, 16, 3, "tma"),
-        _t(64, 256, 128, 8, 4, "tma"), _t(128, 128, 128, 8, 4, "tma", "ws"),
-        _t(128, 128, 128, 8, 4, "tma", "flat", "ws", p=1),
+        _t(128, 128, 128, 8, 4, "tma", "pf", p=1), _t(128, 128, 128, 8, 4, "tma", "flat", "pf", p=1),
+        _t(128, 128, 128, 8, 3, "tma", "pf"), _t(128, 128, 128, 8, 5, "tma", "pf", p=1),
+        _t(128, 256, 128, 8, 3, "tma", "pf"), _t(256, 128, 128, 8, 3, "tma", "pf"),
+        _t(64, 128, 128, 4, 4, "tma", "pf", p=2), _t(64, 128, 128, 4, 3, "tma", "pf", p=3),
+        _t(64, 256, 128, 8, 4, "tma", "pf"),
     ],
     "bf16 rows<=16": [
         _t(16, 128, 128, 4, 4, "tma", "flat", p=2), _t(16, 128, 128, 4, 5, "tma", "flat", p=4),

@@ -75,7 +75,7 @@ def _gemm_tile(
     stride_be, stride_bn, stride_bse, stride_bsn, stride_bsk,
     stride_ce, stride_cm,
     FP8: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    EVEN_K: tl.constexpr, WIDEN: tl.constexpr, TMA: tl.constexpr, WS: tl.constexpr,
+    EVEN_K: tl.constexpr, WIDEN: tl.constexpr, TMA: tl.constexpr, WS: tl.constexpr, PREFETCH: tl.constexpr,
 ):
     """C rows `row0 + m0 ...` (of expert e, `count` valid rows) by columns of `tile_n`: the K loop and the store.
 
@@ -107,25 +107,33 @@ def _gemm_tile(
         tl.static_assert(128 % BLOCK_N == 0 or BLOCK_N % 128 == 0,
                          "FP8 weight scales: BLOCK_N must divide 128 or be a multiple of it")
         a_scale_ptrs = a_scale_ptr + e * stride_ase + first * stride_asm + in_m * stride_asm
+        # One weight scale per program when BLOCK_N divides 128 (folded into the row scales), else one per column.
         if BLOCK_N <= 128:
-            b_scale_ptr = b_scale_ptr + e * stride_bse + (n0 // 128) * stride_bsn
-            for kb in tl.range(0, num_k, warp_specialize=WS):
-                a, b = _load_step(a_src, b_src, a_ptrs, b_ptrs, a_row, b_row, kb, K, BLOCK_K, EVEN_K, TMA)
-                scale = tl.load(a_scale_ptrs + kb * stride_ask) * tl.load(b_scale_ptr + kb * stride_bsk)
-                acc += tl.dot(a, tl.trans(b)) * scale[:, None]
-                if not TMA:
-                    a_ptrs += BLOCK_K
-                    b_ptrs += BLOCK_K
+            b_scale_ptrs = b_scale_ptr + e * stride_bse + (n0 // 128) * stride_bsn
         else:
             b_scale_ptrs = b_scale_ptr + e * stride_bse + ((n0 + in_n) // 128) * stride_bsn
-            for kb in tl.range(0, num_k, warp_specialize=WS):
-                a, b = _load_step(a_src, b_src, a_ptrs, b_ptrs, a_row, b_row, kb, K, BLOCK_K, EVEN_K, TMA)
+        if PREFETCH:
+            a_s_next = tl.load(a_scale_ptrs)
+            b_s_next = tl.load(b_scale_ptrs)
+        for kb in tl.range(0, num_k, warp_specialize=WS):
+            a, b = _load_step(a_src, b_src, a_ptrs, b_ptrs, a_row, b_row, kb, K, BLOCK_K, EVEN_K, TMA)
+            if PREFETCH:
+                # The scales are plain loads that Triton does not pipeline: fetch step kb + 1's during step kb, so
+                # their latency hides behind this step's MMA instead of stalling the scaling after it.
+                a_s, b_s = a_s_next, b_s_next
+                kn = tl.minimum(kb + 1, num_k - 1)
+                a_s_next = tl.load(a_scale_ptrs + kn * stride_ask)
+                b_s_next = tl.load(b_scale_ptrs + kn * stride_bsk)
+            else:
                 a_s = tl.load(a_scale_ptrs + kb * stride_ask)
                 b_s = tl.load(b_scale_ptrs + kb * stride_bsk)
+            if BLOCK_N <= 128:
+                acc += tl.dot(a, tl.trans(b)) * (a_s * b_s)[:, None]
+            else:
                 acc += (tl.dot(a, tl.trans(b)) * a_s[:, None]) * b_s[None, :]
-                if not TMA:
-                    a_ptrs += BLOCK_K
-                    b_ptrs += BLOCK_K
+            if not TMA:
+                a_ptrs += BLOCK_K
+                b_ptrs += BLOCK_K
     else:
         for kb in tl.range(0, num_k, warp_specialize=WS):
             a, b = _load_step(a_src, b_src, a_ptrs, b_ptrs, a_row, b_row, kb, K, BLOCK_K, EVEN_K, TMA)
@@ -151,6 +159,7 @@ def gemm_kernel(
     LAYOUT: tl.constexpr, FP8: tl.constexpr, BLOCK_E: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     EVEN_K: tl.constexpr, WIDEN: tl.constexpr, TMA: tl.constexpr, WS: tl.constexpr = False,
+    PREFETCH: tl.constexpr = False,
 ):
     """C[rows of e] = A[rows of e] @ B[e]^T, fp32 accumulation, C in its own dtype.
 
@@ -172,7 +181,7 @@ def gemm_kernel(
             _gemm_tile(a_src, a_scale_ptr, b_src, b_scale_ptr, c_ptr, e, 0, m0, count, tile_n, e * rows + m0, N, K,
                        stride_ae, stride_am, stride_ase, stride_asm, stride_ask,
                        stride_be, stride_bn, stride_bse, stride_bsn, stride_bsk, stride_ce, stride_cm,
-                       FP8, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, WIDEN, TMA, WS)
+                       FP8, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, WIDEN, TMA, WS, PREFETCH)
     else:
         if LAYOUT == CONTIGUOUS:
             tile_m, tile_n = _tile_of(pid, tl.cdiv(rows, BLOCK_M) + num_experts, num_n, GROUP_M)
@@ -197,7 +206,7 @@ def gemm_kernel(
             _gemm_tile(a_src, a_scale_ptr, b_src, b_scale_ptr, c_ptr, e, row0, m0, count, tile_n, row0 + m0, N, K,
                        stride_ae, stride_am, stride_ase, stride_asm, stride_ask,
                        stride_be, stride_bn, stride_bse, stride_bsn, stride_bsk, stride_ce, stride_cm,
-                       FP8, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, WIDEN, TMA, WS)
+                       FP8, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, WIDEN, TMA, WS, PREFETCH)
 
 
 @triton.jit
@@ -210,7 +219,7 @@ def gemm_persistent_kernel(
     LAYOUT: tl.constexpr, FP8: tl.constexpr, BLOCK_E: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     EVEN_K: tl.constexpr, WIDEN: tl.constexpr, TMA: tl.constexpr,
-    FLATTEN: tl.constexpr, WS: tl.constexpr,
+    FLATTEN: tl.constexpr, WS: tl.constexpr, PREFETCH: tl.constexpr = False,
 ):
     """`gemm_kernel`'s product over a fixed grid of P programs, each walking tiles `pid, pid + P, ...`
     of the list of every expert's output tiles (expert-major; within an expert, `_tile_of` order).
@@ -248,4 +257,4 @@ def gemm_persistent_kernel(
         _gemm_tile(a_src, a_scale_ptr, b_src, b_scale_ptr, c_ptr, e, row0, m0, count, tile_n, a_row, N, K,
                    stride_ae, stride_am, stride_ase, stride_asm, stride_ask,
                    stride_be, stride_bn, stride_bse, stride_bsn, stride_bsk, stride_ce, stride_cm,
-                   FP8, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, WIDEN, TMA, False)
+                   FP8, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, WIDEN, TMA, False, PREFETCH)

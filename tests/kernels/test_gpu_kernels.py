@@ -108,6 +108,9 @@ VARIANTS = [  # the candidates of scripts/sweep_space.py, one of each kind, at t
     TileConfig(16, 64, 128, num_warps=4, num_stages=6, tma=True, persistent=4, flatten=True),
     TileConfig(16, 64, 128, num_warps=4, num_stages=6, persistent=4, flatten=True),
     TileConfig(128, 128, 128, num_warps=8, num_stages=4, tma=True, warp_specialize=True),
+    TileConfig(128, 128, 128, num_warps=8, num_stages=4, tma=True, persistent=1, prefetch_scales=True),
+    TileConfig(16, 128, 128, num_warps=4, num_stages=4, tma=True, prefetch_scales=True),
+    TileConfig(128, 256, 128, num_warps=8, num_stages=3, tma=True, prefetch_scales=True),
 ]
 
 

@@ -225,6 +225,10 @@ VARIANTS = {  # (bf16 config, FP8 config): the kernel variants the sweep chooses
     "wide_n": (TileConfig(16, 256, 64, tma=True), TileConfig(16, 256, 128, tma=True)),
     "wide_n_persistent": (TileConfig(32, 256, 64, persistent=1, flatten=True),
                           TileConfig(32, 256, 128, persistent=1, flatten=True)),
+    "prefetch_scales": (TileConfig(16, 32, 64, prefetch_scales=True),
+                        TileConfig(16, 32, 128, persistent=1, flatten=True, prefetch_scales=True)),
+    "prefetch_scales_wide_n": (TileConfig(16, 256, 64, tma=True, prefetch_scales=True),
+                               TileConfig(16, 256, 128, tma=True, prefetch_scales=True)),
 }
 
 
@@ -233,7 +237,8 @@ VARIANTS = {  # (bf16 config, FP8 config): the kernel variants the sweep chooses
 @pytest.mark.parametrize("layout", ["contiguous", "masked"])
 def test_kernel_variants_match_reference(layout, variant, fp8):
     """Persistent programs (several tiles each, across experts, empty experts skipped), 256-wide column tiles (FP8:
-    one weight scale per column, N past one 128-column scale block and off the tile) and warp specialization."""
+    one weight scale per column, N past one 128-column scale block and off the tile), warp specialization and scales
+    fetched a K step ahead (the last step's fetch is clamped: K = 256 is two steps)."""
     counts = torch.tensor([7, 0, 40, 1, 19], device=DEV)
     e, n, k = 5, 300, 256
     a = rand(int(counts.sum()), k, seed=14) if layout == "contiguous" else rand(e, 40, k, seed=14)
