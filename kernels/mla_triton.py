@@ -33,6 +33,13 @@ class MLADecodeConfig:
     Triton lays a product that feeds another product with all warps along M, and with 64 heads (one warpgroup's
     rows) both warpgroups compute the whole tile: the QK^T product (576 of the 1088 FLOP a score) runs twice, each
     time reading q and the rows from shared memory in narrow n32 MMAs. The kernel breaks that chain (see the loop).
+
+    qk_in_branch (with split_qk): a copy of the score products in each arm of the last-block mask branch. Compiled
+    for sm_90 (Triton 3.6), split_qk alone leaves the PV product in flight into the next block's score products and
+    ptxas serialises every wgmma of the kernel (warning C7515: a wait after each of the 40 a block); with the copies
+    each product's wgmmas run back to back (5 waits a block), at 255 registers and less shared memory (221,696
+    bytes), but the PV product is waited before the next block's row gathers are issued. With block_n=32 and
+    num_stages=5 it keeps three row buffers (184,832 bytes), so the gathers run two blocks ahead.
     """
 
     block_h: int = 64
@@ -42,10 +49,16 @@ class MLADecodeConfig:
     num_splits: int | None = None
     lazy_rescale: bool = False
     split_qk: bool = False
+    qk_in_branch: bool = False
+
+    def __post_init__(self):
+        if self.qk_in_branch and not self.split_qk:
+            raise ValueError("qk_in_branch needs split_qk")
 
     def short(self) -> str:
-        """A compact name: `h64 n64 w8 s3 splits=auto lazy splitqk`."""
-        flags = (" lazy" if self.lazy_rescale else "") + (" splitqk" if self.split_qk else "")
+        """A compact name: `h64 n64 w8 s3 splits=auto lazy splitqk qkbranch`."""
+        flags = ((" lazy" if self.lazy_rescale else "") + (" splitqk" if self.split_qk else "")
+                 + (" qkbranch" if self.qk_in_branch else ""))
         return (f"h{self.block_h} n{self.block_n} w{self.num_warps} s{self.num_stages} "
                 f"splits={self.num_splits or 'auto'}{flags}")
 
@@ -151,7 +164,7 @@ def mla_decode_triton(
         RANK=r, ROPE_DIM=d_r, PAGE_SIZE=page_size,
         BLOCK_H=cfg.block_h, BLOCK_N=cfg.block_n, BLOCK_R=block_r, BLOCK_DR=block_dr,
         FINAL=final, DOT_PRECISION="ieee" if q_latent.dtype == torch.float32 else "tf32",
-        LAZY_RESCALE=cfg.lazy_rescale, SPLIT_QK=cfg.split_qk,
+        LAZY_RESCALE=cfg.lazy_rescale, SPLIT_QK=cfg.split_qk, QK_IN_BRANCH=cfg.qk_in_branch,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     if not final:

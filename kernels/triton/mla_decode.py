@@ -12,6 +12,15 @@ import triton.language as tl
 
 
 @triton.jit
+def _scores(q, q_rope, kv, k_rope, scale_log2, DOT_PRECISION: tl.constexpr):
+    """Scaled scores `[BLOCK_H, BLOCK_N]` of q `[BLOCK_H, RANK]`, q_rope `[BLOCK_H, ROPE_DIM]` against the rows kv
+    `[BLOCK_N, RANK]`, k_rope `[BLOCK_N, ROPE_DIM]`: two products, each scaled, so that Triton does not fold them
+    into one chain (see SPLIT_QK in the loop)."""
+    return (tl.dot(q, tl.trans(kv), input_precision=DOT_PRECISION) * scale_log2
+            + tl.dot(q_rope, tl.trans(k_rope), input_precision=DOT_PRECISION) * scale_log2)
+
+
+@triton.jit
 def mla_decode_split_kernel(
     q_latent_ptr,  # [B, H, RANK], unit stride along RANK
     q_rope_ptr,  # [B, H, ROPE_DIM], unit stride along ROPE_DIM
@@ -40,6 +49,7 @@ def mla_decode_split_kernel(
     DOT_PRECISION: tl.constexpr,  # "ieee" for float32 inputs: TF32 would lose the reference's precision
     LAZY_RESCALE: tl.constexpr = False,  # rescale the accumulator only when a running max grows by > 2^8
     SPLIT_QK: tl.constexpr = False,  # split each score tile between the warpgroups (see the loop)
+    QK_IN_BRANCH: tl.constexpr = False,  # with SPLIT_QK: the score products inside the mask branch (see the loop)
 ):
     # Head blocks vary fastest in launch order, so the programs that share a chunk of latent rows run together
     # and all but the first find those rows in L2.
@@ -84,10 +94,20 @@ def mla_decode_split_kernel(
             # M, so a 64-row score tile is computed whole by each warpgroup. Two products, each scaled (a plain
             # `dot + dot` is folded into `dot(acc=dot)`, a chain), and a branch between them and the softmax end
             # that chain: the score tile is then split by columns between the warpgroups, each computing half.
-            s = (tl.dot(q, tl.trans(kv), input_precision=DOT_PRECISION) * scale_log2
-                 + tl.dot(q_rope, tl.trans(k_rope), input_precision=DOT_PRECISION) * scale_log2)
-            if n0 + BLOCK_N > end:  # only the last block needs the mask
-                s = tl.where(mask_n[None, :], s, float("-inf"))
+            if QK_IN_BRANCH:
+                # With the products before the branch, Triton leaves the PV product in flight across the loop's
+                # back edge until the next score product's wait, and ptxas (C7515) then serialises every wgmma of
+                # the kernel (a wait after each instruction). With a copy of the products in each arm, the PV
+                # product is waited in its own iteration and each product's wgmmas run back to back.
+                if n0 + BLOCK_N > end:
+                    s = _scores(q, q_rope, kv, k_rope, scale_log2, DOT_PRECISION)
+                    s = tl.where(mask_n[None, :], s, float("-inf"))
+                else:
+                    s = _scores(q, q_rope, kv, k_rope, scale_log2, DOT_PRECISION)
+            else:
+                s = _scores(q, q_rope, kv, k_rope, scale_log2, DOT_PRECISION)
+                if n0 + BLOCK_N > end:  # only the last block needs the mask
+                    s = tl.where(mask_n[None, :], s, float("-inf"))
         else:
             s = tl.dot(q, tl.trans(kv), input_precision=DOT_PRECISION)
             s = tl.dot(q_rope, tl.trans(k_rope), acc=s, input_precision=DOT_PRECISION)

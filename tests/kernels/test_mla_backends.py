@@ -134,13 +134,16 @@ def test_triton_lazy_rescale(dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("lazy", [False, True])
 @pytest.mark.parametrize("splits,page_size", [(None, 1), (1, 1), (3, 2)])
-def test_triton_split_qk(dtype, lazy, splits, page_size):
-    """split_qk (unmasked full token blocks, masked last ones): lengths that fill whole 16-token blocks (32), end
-    inside one (37, 50) or hold one token, heads and dims off the block sizes."""
+@pytest.mark.parametrize("qk_in_branch", [False, True])
+def test_triton_split_qk(dtype, lazy, splits, page_size, qk_in_branch):
+    """split_qk (unmasked full token blocks, masked last ones), with the score products before the mask branch or
+    inside it: lengths that fill whole 16-token blocks (32), end inside one (37, 50) or hold one token, heads and
+    dims off the block sizes."""
     q_latent, q_rope, kv, table, clean, seq_lens = make_case([1, 37, 32, 50], 5, 40, 12, dtype, page_size=page_size,
                                                              seed=5)
     ref = reference(q_latent, q_rope, kv, clean, seq_lens, 0.3, page_size)
-    cfg = MLADecodeConfig(block_h=16, block_n=16, num_splits=splits, lazy_rescale=lazy, split_qk=True)
+    cfg = MLADecodeConfig(block_h=16, block_n=16, num_splits=splits, lazy_rescale=lazy, split_qk=True,
+                          qk_in_branch=qk_in_branch)
     with poisoned_allocations():
         out = mla_decode_triton(q_latent, q_rope, kv, table, seq_lens, 0.3, page_size=page_size, config=cfg)
     assert out.dtype == dtype
@@ -162,6 +165,8 @@ _GPU_SPLIT_QK = [
     MLADecodeConfig(split_qk=True), MLADecodeConfig(split_qk=True, num_stages=2),
     MLADecodeConfig(split_qk=True, num_stages=2, lazy_rescale=True), MLADecodeConfig(split_qk=True, num_splits=2),
     MLADecodeConfig(split_qk=True, block_n=32, num_stages=4),
+    MLADecodeConfig(split_qk=True, qk_in_branch=True),
+    MLADecodeConfig(split_qk=True, qk_in_branch=True, block_n=32, num_stages=5),
 ]
 
 
@@ -181,6 +186,11 @@ def test_triton_split_qk_real_sizes(cfg, page_size):
     assert rel_err(out, ref) < 1e-2
     # Against the default tiling: the same products, summed in another order.
     assert rel_err(out, mla_decode_triton(q_latent, q_rope, kv, table, seq_lens, scale, page_size=page_size)) < 1e-2
+
+
+def test_qk_in_branch_needs_split_qk():
+    with pytest.raises(ValueError, match="split_qk"):
+        MLADecodeConfig(qk_in_branch=True)
 
 
 def test_empty_batch_and_bad_inputs():
