@@ -20,6 +20,7 @@ import torch
 from kernels.act_quant import act_quant, silu_mul, silu_mul_quant
 from kernels.checks import FP8, HALF, check_counts, check_same_device, check_shape, check_tensor, require
 from kernels.fp8 import ACT_GROUP, dequantize_act
+from kernels.gluon_gemm import gluon_supported, run_gluon_fp8
 from kernels.moe import grouped_mlp_ref
 from kernels.triton import ensure_runnable, interpreting
 
@@ -37,7 +38,10 @@ class TileConfig:
     every expert in turn (`gemm_persistent_kernel`). flatten (persistent only): pipeline the tile loop and the K
     loop as one, so the next tile's loads start during the current tile. warp_specialize: ask Triton to split the
     loop (the K loop, or the tile loop when persistent) into producer and consumer warps; a compiler that cannot
-    fails to compile it (`scripts/sweep_kernels.py` reports that and goes on).
+    fails to compile it (`scripts/sweep_kernels.py` reports that and goes on). prefetch_scales (FP8): load each K
+    step's block scales during the step before. gluon (FP8, contiguous, Hopper, K a multiple of 256): run the Gluon
+    kernel of `kernels/triton/gemm_gluon.py` instead, which scales one step's product while the next one multiplies
+    (other GEMMs ignore the flag).
     FP8 needs block_k == 128 and block_n dividing 128 or a multiple of 128 (one weight scale per column then)."""
 
     block_m: int
@@ -51,6 +55,7 @@ class TileConfig:
     flatten: bool = False
     warp_specialize: bool = False
     prefetch_scales: bool = False
+    gluon: bool = False
 
     def short(self) -> str:
         """A compact name: `128x128x128 w8 s4 tma p1 flat ws`."""
@@ -60,6 +65,7 @@ class TileConfig:
         extra += ["flat"] if self.flatten and self.persistent else []
         extra += ["ws"] if self.warp_specialize else []
         extra += ["pf"] if self.prefetch_scales else []
+        extra += ["gluon"] if self.gluon else []
         return " ".join([f"{self.block_m}x{self.block_n}x{self.block_k} w{self.num_warps} s{self.num_stages}", *extra])
 
 
@@ -135,6 +141,8 @@ def run_gemm(
     if fp8:
         require(cfg.block_k == ACT_GROUP and (ACT_GROUP % cfg.block_n == 0 or cfg.block_n % ACT_GROUP == 0),
                 f"FP8 tiles need block_k == 128 and block_n dividing 128 or a multiple of it, got {cfg}")
+    if cfg.gluon and gluon_supported(layout, a, k, fp8):
+        return run_gluon_fp8(a, b, out, counts, a_scale, b_scale, cfg)
     num_n = -(-n // cfg.block_n)
     row_tiles = -(-rows // cfg.block_m)
     m_slots = row_tiles

@@ -182,7 +182,8 @@ def default_tile(shape: GemmShape) -> TileConfig:
 def _t(bm, bn, bk, w, s, *flags, **kw) -> TileConfig:
     """TileConfig from (block_m, block_n, block_k, num_warps, num_stages, "tma", "flat", "ws", p=programs/SM)."""
     return TileConfig(bm, bn, bk, num_warps=w, num_stages=s, tma="tma" in flags, flatten="flat" in flags,
-                      warp_specialize="ws" in flags, prefetch_scales="pf" in flags, persistent=kw.pop("p", 0), **kw)
+                      warp_specialize="ws" in flags, prefetch_scales="pf" in flags, gluon="gluon" in flags,
+                      persistent=kw.pop("p", 0), **kw)
 
 
 # Why these: persistent programs (p1/p2) end the half-empty last wave and, flattened, keep the loads of the next tile
@@ -192,7 +193,8 @@ def _t(bm, bn, bk, w, s, *flags, **kw) -> TileConfig:
 # supports it on Hopper; 16 warps halve the registers per thread of the 256-wide tiles. The FP8 lists of the second
 # sweep ("pf") fetch the block scales one K step ahead: Triton leaves them as plain loads whose latency stalled every
 # K step (seen in the TTGIR of the Triton 3.6 build); 64-row tiles with 2-3 programs a multiprocessor let one
-# program's scaling overlap another's MMAs.
+# program's scaling overlap another's MMAs. "gluon": the Gluon kernel (kernels/triton/gemm_gluon.py), which scales
+# one K step's product while the next one multiplies.
 _CANDIDATES = {
     "fp8 rows<=16": [
         _t(16, 128, 128, 4, 4, "tma", "pf"), _t(16, 64, 128, 4, 5, "tma", "flat", "pf", p=2),
@@ -204,15 +206,14 @@ _CANDIDATES = {
         _t(32, 128, 128, 4, 4, "tma", "pf"),
     ],
     "fp8 rows<=256": [
-        _t(64, 128, 128, 4, 3, "tma", "flat", "pf", p=2), _t(64, 128, 128, 4, 4, "tma", "flat", "pf", p=1),
-        _t(128, 128, 128, 8, 4, "tma", "pf"), _t(64, 128, 128, 4, 4, "tma", "pf", p=2),
+        _t(64, 128, 128, 4, 4, "tma", "pf", p=2), _t(64, 128, 128, 4, 4, "gluon"), _t(64, 128, 128, 4, 6, "gluon"),
+        _t(128, 128, 128, 8, 4, "gluon"),
     ],
     "fp8 rows>256": [
-        _t(128, 128, 128, 8, 4, "tma", "pf", p=1), _t(128, 128, 128, 8, 4, "tma", "flat", "pf", p=1),
-        _t(128, 128, 128, 8, 3, "tma", "pf"), _t(128, 128, 128, 8, 5, "tma", "pf", p=1),
-        _t(128, 256, 128, 8, 3, "tma", "pf"), _t(256, 128, 128, 8, 3, "tma", "pf"),
-        _t(64, 128, 128, 4, 4, "tma", "pf", p=2), _t(64, 128, 128, 4, 3, "tma", "pf", p=3),
-        _t(64, 256, 128, 8, 4, "tma", "pf"),
+        _t(64, 128, 128, 4, 4, "tma", "pf", p=2), _t(128, 128, 128, 8, 4, "gluon"),
+        _t(128, 128, 128, 8, 5, "gluon"), _t(128, 128, 128, 8, 3, "gluon"),
+        _t(128, 128, 128, 8, 4, "gluon", group_m=16), _t(128, 128, 128, 8, 4, "gluon", group_m=4), _t(64, 128, 128, 4, 4, "gluon"), _t(64, 128, 128, 4, 6, "gluon"),
+        _t(128, 64, 128, 8, 6, "gluon"),
     ],
     "bf16 rows<=16": [
         _t(16, 128, 128, 4, 4, "tma", "flat", p=2), _t(16, 128, 128, 4, 5, "tma", "flat", p=4),

@@ -17,6 +17,7 @@ import torch
 from kernels.act_quant import act_quant, silu_mul, silu_mul_quant
 from kernels.fp8 import act_quant_ref, dequantize_act, dequantize_block_fp8, fp8_gemm_ref, silu_mul_quant_ref
 from kernels.fp8_gemm import fp8_gemm, fp8_linear
+from kernels.gluon_gemm import gluon_supported
 from kernels.grouped_gemm import TileConfig, grouped_gemm, grouped_mlp, pick_tile
 from kernels.moe import grouped_gemm_ref, grouped_mlp_ref, silu_mul_ref
 
@@ -142,6 +143,27 @@ def test_grouped_gemm_variants(cfg):
     assert rel(y8m[ok], y8m_ref[ok]) < 1e-2
     y = fp8_gemm(x_q, x_s, w_q[0], w_s[0], config=cfg)
     assert rel(y, fp8_gemm_ref(x_q, x_s, w_q[0], w_s[0])) < 1e-2
+
+
+@pytest.mark.parametrize("gemm", ["gate_up", "down"])
+@pytest.mark.parametrize("cfg", [TileConfig(128, 128, 128, num_warps=8, num_stages=4, gluon=True),
+                                 TileConfig(64, 128, 128, num_warps=4, num_stages=4, gluon=True, group_m=16)],
+                         ids=["128x128", "64x128"])
+def test_gluon_fp8_grouped_gemm(gemm, cfg):
+    """The Gluon FP8 kernel at DeepSeek-V3 expert shapes, ragged and empty experts, against the reference; rows it
+    must not write keep their poison."""
+    n, k = (2 * INTER, H) if gemm == "gate_up" else (H, INTER)
+    counts = torch.tensor(COUNTS, device=DEV)
+    x = x_rows(sum(COUNTS), k, seed=30)
+    _, w_q, w_s = fp8_experts(len(COUNTS), n, k, seed=31)
+    x_q, x_s = act_quant(x)
+    assert gluon_supported("contiguous", x_q, k, True)
+    out = torch.full((sum(COUNTS) + 5, n), float("nan"), dtype=torch.bfloat16, device=DEV)
+    y = grouped_gemm(x_q, w_q, counts, "contiguous", a_scale=x_s, b_scale=w_s, config=cfg, out=out[:sum(COUNTS)])
+    assert not y.isnan().any(), "a row was left unwritten"
+    assert out[sum(COUNTS):].isnan().all(), "a row past M was written"
+    assert rel(y, grouped_gemm_ref(x_q, w_q, counts, "contiguous", a_scale=x_s, b_scale=w_s)) < 1e-2
+
 
 
 @pytest.mark.parametrize("tma", [False, True], ids=["pointers", "tma"])

@@ -229,6 +229,8 @@ VARIANTS = {  # (bf16 config, FP8 config): the kernel variants the sweep chooses
                         TileConfig(16, 32, 128, persistent=1, flatten=True, prefetch_scales=True)),
     "prefetch_scales_wide_n": (TileConfig(16, 256, 64, tma=True, prefetch_scales=True),
                                TileConfig(16, 256, 128, tma=True, prefetch_scales=True)),
+    # The Gluon kernel runs on Hopper only: elsewhere the flag falls back to the Triton kernel.
+    "gluon_fallback": (TileConfig(16, 32, 64, gluon=True), TileConfig(16, 32, 128, gluon=True)),
 }
 
 

@@ -1,0 +1,56 @@
+"""Launcher of the Gluon block-scaled FP8 grouped GEMM (`kernels/triton/gemm_gluon.py`), Hopper only.
+
+Chosen through `TileConfig(gluon=True)` in `kernels.grouped_gemm.run_gemm`, for the contiguous layout; everything
+else (bf16, the masked and dense layouts, K not a multiple of 256, CPUs and the interpreter) stays on the Triton
+kernel of `kernels/triton/gemm.py`, which has the same contract.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kernels.checks import require
+
+UNROLL = 2  # K steps an iteration of the kernel's K loop (4 runs out of registers at 128x128 tiles)
+
+
+def gluon_supported(layout: str, a: torch.Tensor, k: int, fp8: bool) -> bool:
+    """Whether the Gluon kernel can run this GEMM here (otherwise the Triton kernel does)."""
+    if not (fp8 and layout == "contiguous" and a.is_cuda and k % (128 * UNROLL) == 0):
+        return False
+    return torch.cuda.get_device_capability(a.device)[0] == 9
+
+
+def run_gluon_fp8(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, counts: torch.Tensor, a_scale: torch.Tensor,
+                  b_scale: torch.Tensor, cfg) -> torch.Tensor:
+    """Contiguous grouped `out[rows of e] = (a[rows of e] @ b[e]^T)` with block scales, on checked arguments.
+
+    a `[M, K]` e4m3 (row stride a multiple of 16 bytes), b `[E, N, K]` e4m3 contiguous, a_scale `[M, K/128]`
+    float32, b_scale `[E, N/128, K/128]` float32, out `[M, N]` bf16, counts `[E]` on the device.
+    cfg: a `TileConfig` with block_m == 16 * num_warps, block_n dividing 128, block_k == 128.
+    """
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    from kernels.triton.gemm_gluon import fp8_grouped_gemm_kernel
+
+    m, k = a.shape
+    e, n, _ = b.shape
+    require(cfg.block_k == 128 and 128 % cfg.block_n == 0 and cfg.block_m == 16 * cfg.num_warps,
+            f"the Gluon FP8 kernel needs block_k 128, block_n dividing 128 and block_m = 16 * num_warps, got {cfg}")
+    require(k % (128 * UNROLL) == 0, f"the Gluon FP8 kernel needs K a multiple of {128 * UNROLL}, got {k}")
+    if m == 0 or n == 0:
+        return out
+    a_layout = gl.NVMMASharedLayout.get_default_for([cfg.block_m, 128], gl.float8e4nv)
+    b_layout = gl.NVMMASharedLayout.get_default_for([cfg.block_n, 128], gl.float8e4nv)
+    flat_b = b.reshape(e * n, k)
+    a_desc = TensorDescriptor(a, list(a.shape), list(a.stride()), [cfg.block_m, 128], a_layout)
+    b_desc = TensorDescriptor(flat_b, list(flat_b.shape), list(flat_b.stride()), [cfg.block_n, 128], b_layout)
+    grid = ((-(-m // cfg.block_m) + e) * -(-n // cfg.block_n),)
+    fp8_grouped_gemm_kernel[grid](
+        a_desc, b_desc, a_scale, b_scale, out, counts, e, m, n, k,
+        a_scale.stride(0), a_scale.stride(1), b_scale.stride(0), b_scale.stride(1), b_scale.stride(2), out.stride(0),
+        BLOCK_E=max(16, 1 << (e - 1).bit_length()), GROUP_M=cfg.group_m, STAGES=cfg.num_stages, UNROLL=UNROLL,
+        num_warps=cfg.num_warps,
+    )
+    return out
