@@ -212,8 +212,8 @@ _CANDIDATES = {
     "fp8 rows>256": [
         _t(64, 128, 128, 4, 4, "tma", "pf", p=2), _t(128, 128, 128, 8, 4, "gluon"),
         _t(128, 128, 128, 8, 5, "gluon"), _t(128, 128, 128, 8, 3, "gluon"),
-        _t(128, 128, 128, 8, 4, "gluon", group_m=16), _t(128, 128, 128, 8, 4, "gluon", group_m=4), _t(64, 128, 128, 4, 4, "gluon"), _t(64, 128, 128, 4, 6, "gluon"),
-        _t(128, 64, 128, 8, 6, "gluon"),
+        _t(128, 128, 128, 8, 4, "gluon", group_m=16), _t(128, 128, 128, 8, 4, "gluon", group_m=4),
+        _t(64, 128, 128, 4, 4, "gluon"), _t(64, 128, 128, 4, 6, "gluon"), _t(128, 64, 128, 8, 6, "gluon"),
     ],
     "bf16 rows<=16": [
         _t(16, 128, 128, 4, 4, "tma", "flat", p=2), _t(16, 128, 128, 4, 5, "tma", "flat", p=4),
@@ -224,20 +224,18 @@ _CANDIDATES = {
         _t(128, 128, 64, 8, 4, "tma", "flat", p=2), _t(128, 256, 64, 8, 4, "tma", "ws"),
     ],
 }
-# MLA: the first sweep (lazy rescale 0.78-0.89x, 16 warps 0.5x, block_n 32 0.77x, 2 splits 0.8x the default) keeps
-# lazy rescale as the control. split_qk computes each score tile once instead of once per warpgroup (QK^T is half
-# the FLOPs); it leaves the registers at the 255 limit, so the stage counts (fewer gathers in flight: fewer spills,
-# zero with 2 stages and lazy rescale under Triton 3.9's ptxas), lazy rescale, 32-token blocks (no spills, but n16
-# MMAs) and 128-token blocks (n64 MMAs, one unpipelined 144 KB buffer) are tried with it.
+# MLA: the first sweep (lazy rescale 0.78-0.89x, 16 warps 0.5x, block_n 32 0.77x, 2 splits 0.8x the default) chose
+# split_qk with 4 stages. Its build has every wgmma serialised by ptxas (warning C7515: the PV product runs across the
+# loop's back edge while the branchy score code of the next block runs); qk_in_branch places the score products in
+# both arms of the mask branch, which removes that, at the cost of waiting for PV inside its own iteration. 32-token
+# blocks then fit three row buffers (gathers two blocks ahead).
 _MLA = [
-    MLADecodeConfig(lazy_rescale=True),
-    MLADecodeConfig(split_qk=True), MLADecodeConfig(split_qk=True, num_stages=2),
-    MLADecodeConfig(split_qk=True, num_stages=2, lazy_rescale=True), MLADecodeConfig(split_qk=True, lazy_rescale=True),
-    MLADecodeConfig(split_qk=True, num_stages=4), MLADecodeConfig(split_qk=True, num_stages=1),
-    MLADecodeConfig(split_qk=True, num_splits=2), MLADecodeConfig(split_qk=True, num_stages=2, num_splits=2),
-    MLADecodeConfig(split_qk=True, block_n=32, num_stages=4),
-    MLADecodeConfig(split_qk=True, block_n=32, num_stages=4, lazy_rescale=True),
-    MLADecodeConfig(split_qk=True, block_n=128, num_stages=1),
+    MLADecodeConfig(num_stages=4, split_qk=True, qk_in_branch=True),
+    MLADecodeConfig(num_stages=3, split_qk=True, qk_in_branch=True),
+    MLADecodeConfig(block_n=32, num_stages=5, split_qk=True, qk_in_branch=True),
+    MLADecodeConfig(block_n=32, num_stages=6, split_qk=True, qk_in_branch=True),
+    MLADecodeConfig(num_stages=4, split_qk=True, qk_in_branch=True, num_splits=2),
+    MLADecodeConfig(block_n=32, num_stages=5, split_qk=True, qk_in_branch=True, num_splits=2),
 ]
 
 
