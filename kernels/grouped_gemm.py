@@ -69,17 +69,19 @@ class TileConfig:
         return " ".join([f"{self.block_m}x{self.block_n}x{self.block_k} w{self.num_warps} s{self.num_stages}", *extra])
 
 
-# (largest rows per expert, config), first match wins; the fastest of `scripts/sweep_kernels.py` on an H100
-# (2026-11-21, commit b372e93) at the DeepSeek-V3 expert shapes (8/32 experts, gate_up N=4096 K=7168, down N=7168
-# K=2048). Few rows per expert are weight-bandwidth bound: short row tiles, loads by the bulk copy engine. From 32
-# rows on, persistent programs (a fixed grid walking every expert's tiles) pipelined across tiles win 1-11%; the
-# 256-wide FP8 tile (two weight scales a K step) and warp specialisation lost or did not compile. FP8 keeps block_k
-# = 128 (one activation scale per row per K step).
+# (largest rows per expert, config), first match wins; the fastest of `scripts/sweep_kernels.py` at the DeepSeek-V3
+# expert shapes (8/32 experts, gate_up N=4096 K=7168, down N=7168 K=2048). Few rows per expert are weight-bandwidth
+# bound: short row tiles, loads by the bulk copy engine (H100, 2026-11-21, commit b372e93). From 32 rows on,
+# persistent programs (a fixed grid walking every expert's tiles) win 1-11%; at <= 256 rows two 64-row programs a
+# multiprocessor with the scales fetched a step ahead, 1.02-1.03x (H200, commits 8777000 and edb8e0c). Above 256
+# rows the Gluon kernel (`kernels/triton/gemm_gluon.py`: one step's scaling overlaps the next step's product),
+# 1.09x the Triton kernel on an H200 (commit edb8e0c); where it does not apply (not Hopper, the masked layout) the
+# same tile runs on the Triton kernel. FP8 keeps block_k = 128 (one activation scale per row per K step).
 _FP8_TILES: tuple[tuple[int, TileConfig], ...] = (
     (16, TileConfig(16, 128, 128, num_warps=4, num_stages=4, tma=True)),
     (32, TileConfig(32, 128, 128, num_warps=4, num_stages=5, tma=True, persistent=2, flatten=True)),
-    (256, TileConfig(64, 128, 128, num_warps=4, num_stages=3, tma=True, persistent=2, flatten=True)),
-    (1 << 62, TileConfig(128, 128, 128, num_warps=8, num_stages=4, tma=True, persistent=1)),
+    (256, TileConfig(64, 128, 128, num_warps=4, num_stages=4, tma=True, persistent=2, prefetch_scales=True)),
+    (1 << 62, TileConfig(128, 128, 128, group_m=4, num_warps=8, num_stages=4, tma=True, persistent=1, gluon=True)),
 )
 _HALF_TILES: tuple[tuple[int, TileConfig], ...] = (
     (16, TileConfig(16, 128, 128, num_warps=4, num_stages=4)),
