@@ -7,6 +7,8 @@ kernel of `kernels/triton/gemm.py`, which has the same contract.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from kernels.checks import require
@@ -14,11 +16,15 @@ from kernels.checks import require
 UNROLL = 2  # K steps an iteration of the kernel's K loop (4 runs out of registers at 128x128 tiles)
 
 
+@functools.cache
+def _is_hopper(device: torch.device) -> bool:
+    """Cached: the check runs on every GEMM launch."""
+    return torch.cuda.get_device_capability(device)[0] == 9
+
+
 def gluon_supported(layout: str, a: torch.Tensor, k: int, fp8: bool) -> bool:
     """Whether the Gluon kernel can run this GEMM here (otherwise the Triton kernel does)."""
-    if not (fp8 and layout == "contiguous" and a.is_cuda and k % (128 * UNROLL) == 0):
-        return False
-    return torch.cuda.get_device_capability(a.device)[0] == 9
+    return fp8 and layout == "contiguous" and a.is_cuda and k % (128 * UNROLL) == 0 and _is_hopper(a.device)
 
 
 def run_gluon_fp8(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, counts: torch.Tensor, a_scale: torch.Tensor,

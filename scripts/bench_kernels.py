@@ -61,25 +61,18 @@ def out_of_time() -> bool:
     return time.perf_counter() > _DEADLINE[0]
 
 
-def time_ms(fn, quick: bool = False) -> float:
+def time_ms(fn, quick: bool = False, graph: bool = False) -> float:
+    """`fn`'s median time per call: launched one by one, or (graph) replayed from a CUDA graph, which leaves out the
+    host's launch and argument-packing work."""
     import triton.testing
 
     if out_of_time():
         raise TimeoutError("skipped: --budget-s spent")
     fn()  # compile / plan outside the timing
     torch.cuda.synchronize()
+    if graph:
+        return triton.testing.do_bench_cudagraph(fn, rep=20 if quick else 60, return_mode="median")
     return triton.testing.do_bench(fn, warmup=5 if quick else 10, rep=20 if quick else 60, return_mode="median")
-
-
-def graph_time_ms(fn, quick: bool = False) -> float:
-    """`fn`'s GPU time per call, replayed from a CUDA graph (no launch or argument-packing work on the host)."""
-    import triton.testing
-
-    if out_of_time():
-        raise TimeoutError("skipped: --budget-s spent")
-    fn()
-    torch.cuda.synchronize()
-    return triton.testing.do_bench_cudagraph(fn, rep=20 if quick else 60, return_mode="median")
 
 
 def guarded(fn):
@@ -229,6 +222,18 @@ def bench_contiguous(device, peaks: dict, experts, rows_list, quick: bool) -> li
 # --- masked decode ----------------------------------------------------------------------------------------------
 
 
+def masked_rows(fn, nbytes: int, peaks: dict, quick: bool, **case) -> list[dict]:
+    """One result row per timing of a masked-decode case ("eager", then "graph"): time, bandwidth, share of HBM."""
+    rows = []
+    for timing in ("eager", "graph"):
+        ms, err = guarded(lambda: time_ms(fn, quick, graph=timing == "graph"))
+        gbps = nbytes / (ms * 1e-3) / 1e9 if ms else None
+        impl = f"triton {case['dtype']}{' mlp' if case['gemm'] == 'mlp' else ''} {timing}"
+        rows.append(dict(section="masked decode", max_m=DECODE_MAX_M, impl=impl, timing=timing, ms=ms, gbps=gbps,
+                         hbm_share=gbps / peaks["hbm_gbps"] if gbps else None, note=err, **case))
+    return rows
+
+
 def bench_masked(device, peaks: dict, quick: bool) -> list[dict]:
     out = []
     g = torch.Generator(device="cpu").manual_seed(0)
@@ -247,15 +252,11 @@ def bench_masked(device, peaks: dict, quick: bool) -> list[dict]:
             ):
                 size = 2 if dt == "bf16" else 1
                 nbytes = e * n * k * size + rows * k * size + rows * n * 2
-                for timing, timer in (("eager", time_ms), ("graph", graph_time_ms)):
-                    ms, err = guarded(lambda: timer(fn, quick))
-                    gbps = nbytes / (ms * 1e-3) / 1e9 if ms else None
-                    out.append(dict(section="masked decode", gemm=gemm, experts=e, rows=mean, max_m=DECODE_MAX_M,
-                                    impl=f"triton {dt} {timing}", dtype=dt, timing=timing, ms=ms, gbps=gbps,
-                                    hbm_share=gbps / peaks["hbm_gbps"] if gbps else None, note=err))
-                    print(f"  masked {gemm:<8} E={e:<3} mean rows={mean:<3} {dt:<5} {timing:<5} "
-                          + (f"{ms * 1e3:8.1f} us {gbps:6.0f} GB/s {gbps / peaks['hbm_gbps']:6.1%}" if ms else err),
-                          flush=True)
+                for row in masked_rows(fn, nbytes, peaks, quick, gemm=gemm, experts=e, rows=mean, dtype=dt):
+                    out.append(row)
+                    print(f"  masked {gemm:<8} E={e:<3} mean rows={mean:<3} {dt:<5} {row['timing']:<5} "
+                          + (f"{row['ms'] * 1e3:8.1f} us {row['gbps']:6.0f} GB/s {row['hbm_share']:6.1%}"
+                             if row["ms"] else row["note"]), flush=True)
         # The whole FP8 expert MLP at this decode size (act quant, gate_up, SiLU-and-mul + quant, down).
         two_i, h = GEMMS["gate_up"]
         w13, s13 = fp8_weights(e, two_i, h, device)
@@ -265,12 +266,7 @@ def bench_masked(device, peaks: dict, quick: bool) -> list[dict]:
         def mlp():
             return grouped_mlp(x, counts, "masked", w13, w2, w13_scale=s13, w2_scale=s2, expected_m=mean)
 
-        for timing, timer in (("eager", time_ms), ("graph", graph_time_ms)):
-            ms, err = guarded(lambda: timer(mlp, quick))
-            gbps = nbytes / (ms * 1e-3) / 1e9 if ms else None
-            out.append(dict(section="masked decode", gemm="mlp", experts=e, rows=mean, max_m=DECODE_MAX_M,
-                            impl=f"triton fp8 mlp {timing}", dtype="fp8", timing=timing, ms=ms, gbps=gbps,
-                            hbm_share=gbps / peaks["hbm_gbps"] if gbps else None, note=err))
+        out += masked_rows(mlp, nbytes, peaks, quick, gemm="mlp", experts=e, rows=mean, dtype="fp8")
         torch.cuda.empty_cache()
     return out
 
