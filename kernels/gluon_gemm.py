@@ -1,6 +1,7 @@
 """Launcher of the Gluon block-scaled FP8 grouped GEMM (`kernels/triton/gemm_gluon.py`), Hopper only.
 
-Chosen through `TileConfig(gluon=True)` in `kernels.grouped_gemm.run_gemm`, for the contiguous layout; everything
+Chosen through `TileConfig(gluon=True)` in `kernels.grouped_gemm.run_gemm`, for the contiguous layout; with
+`warp_specialize=True` as well, the warp-specialized persistent kernel of `kernels/triton/gemm_gluon_ws.py`. Everything
 else (bf16, the masked and dense layouts, K not a multiple of 256, CPUs and the interpreter) stays on the Triton
 kernel of `kernels/triton/gemm.py`, which has the same contract.
 """
@@ -14,6 +15,12 @@ import torch
 from kernels.checks import require
 
 UNROLL = 2  # K steps an iteration of the kernel's K loop (4 runs out of registers at 128x128 tiles)
+WS_CONSUMER_REGS = 232  # registers a thread of the second consumer warpgroup (the producer warp keeps 24)
+
+
+@functools.cache
+def _num_sms(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 @functools.cache
@@ -33,30 +40,48 @@ def run_gluon_fp8(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, counts: t
 
     a `[M, K]` e4m3 (row stride a multiple of 16 bytes), b `[E, N, K]` e4m3 contiguous, a_scale `[M, K/128]`
     float32, b_scale `[E, N/128, K/128]` float32, out `[M, N]` bf16, counts `[E]` on the device.
-    cfg: a `TileConfig` with block_m == 16 * num_warps, block_n dividing 128, block_k == 128.
+    cfg: a `TileConfig` with block_n dividing 128 and block_k == 128; block_m == 16 * num_warps, or with
+    warp_specialize block_m == 128 and `persistent` programs a multiprocessor (1 if 0). The specialized kernel's
+    warps are fixed by its partitions (two consumer warpgroups and a producer warp): it ignores num_warps, which
+    then serves the Triton kernel where this one does not apply.
     """
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-    from kernels.triton.gemm_gluon import fp8_grouped_gemm_kernel
-
     m, k = a.shape
     e, n, _ = b.shape
-    require(cfg.block_k == 128 and 128 % cfg.block_n == 0 and cfg.block_m == 16 * cfg.num_warps,
-            f"the Gluon FP8 kernel needs block_k 128, block_n dividing 128 and block_m = 16 * num_warps, got {cfg}")
+    ws = cfg.warp_specialize
+    if ws:
+        require(cfg.block_m == 128 and cfg.block_k == 128 and 128 % cfg.block_n == 0,
+                f"the warp-specialized Gluon FP8 kernel needs 128-row tiles (two 64-row consumer warpgroups), "
+                f"block_k 128 and block_n dividing 128, got {cfg}")
+    else:
+        require(cfg.block_k == 128 and 128 % cfg.block_n == 0 and cfg.block_m == 16 * cfg.num_warps,
+                f"the Gluon FP8 kernel needs block_k 128, block_n dividing 128 and block_m = 16 * num_warps, "
+                f"got {cfg}")
     require(k % (128 * UNROLL) == 0, f"the Gluon FP8 kernel needs K a multiple of {128 * UNROLL}, got {k}")
     if m == 0 or n == 0:
         return out
-    a_layout = gl.NVMMASharedLayout.get_default_for([cfg.block_m, 128], gl.float8e4nv)
+    a_block = [cfg.block_m // 2 if ws else cfg.block_m, 128]  # the specialized kernel loads A in 64-row halves
+    a_layout = gl.NVMMASharedLayout.get_default_for(a_block, gl.float8e4nv)
     b_layout = gl.NVMMASharedLayout.get_default_for([cfg.block_n, 128], gl.float8e4nv)
     flat_b = b.reshape(e * n, k)
-    a_desc = TensorDescriptor(a, list(a.shape), list(a.stride()), [cfg.block_m, 128], a_layout)
+    a_desc = TensorDescriptor(a, list(a.shape), list(a.stride()), a_block, a_layout)
     b_desc = TensorDescriptor(flat_b, list(flat_b.shape), list(flat_b.stride()), [cfg.block_n, 128], b_layout)
-    grid = ((-(-m // cfg.block_m) + e) * -(-n // cfg.block_n),)
-    fp8_grouped_gemm_kernel[grid](
-        a_desc, b_desc, a_scale, b_scale, out, counts, e, m, n, k,
-        a_scale.stride(0), a_scale.stride(1), b_scale.stride(0), b_scale.stride(1), b_scale.stride(2), out.stride(0),
-        BLOCK_E=max(16, 1 << (e - 1).bit_length()), GROUP_M=cfg.group_m, STAGES=cfg.num_stages, UNROLL=UNROLL,
-        num_warps=cfg.num_warps,
-    )
+    tiles = (-(-m // cfg.block_m) + e) * -(-n // cfg.block_n)
+    args = (a_desc, b_desc, a_scale, b_scale, out, counts, e, m, n, k,
+            a_scale.stride(0), a_scale.stride(1), b_scale.stride(0), b_scale.stride(1), b_scale.stride(2),
+            out.stride(0))
+    block_e = max(16, 1 << (e - 1).bit_length())
+    if ws:
+        from kernels.triton.gemm_gluon_ws import fp8_grouped_gemm_ws_kernel
+
+        grid = (max(1, min(tiles, max(1, cfg.persistent) * _num_sms(a.device))),)
+        fp8_grouped_gemm_ws_kernel[grid](*args, BLOCK_E=block_e, GROUP_M=cfg.group_m, STAGES=cfg.num_stages,
+                                         UNROLL=UNROLL, CONSUMER_REGS=WS_CONSUMER_REGS, num_warps=4)
+        return out
+    from kernels.triton.gemm_gluon import fp8_grouped_gemm_kernel
+
+    fp8_grouped_gemm_kernel[(tiles,)](*args, BLOCK_E=block_e, GROUP_M=cfg.group_m, STAGES=cfg.num_stages,
+                                      UNROLL=UNROLL, num_warps=cfg.num_warps)
     return out

@@ -40,8 +40,9 @@ class TileConfig:
     loop (the K loop, or the tile loop when persistent) into producer and consumer warps; a compiler that cannot
     fails to compile it (`scripts/sweep_kernels.py` reports that and goes on). prefetch_scales (FP8): load each K
     step's block scales during the step before. gluon (FP8, contiguous, Hopper, K a multiple of 256): run the Gluon
-    kernel of `kernels/triton/gemm_gluon.py` instead, which scales one step's product while the next one multiplies
-    (other GEMMs ignore the flag).
+    kernel of `kernels/triton/gemm_gluon.py` instead, which scales one step's product while the next one multiplies;
+    with warp_specialize too, its warp-specialized persistent form (`kernels/triton/gemm_gluon_ws.py`: a producer
+    warp and two consumer warpgroups of 64 rows, block_m 128). Other GEMMs run the Triton kernel without both flags.
     FP8 needs block_k == 128 and block_n dividing 128 or a multiple of 128 (one weight scale per column then)."""
 
     block_m: int
@@ -74,14 +75,16 @@ class TileConfig:
 # bound: short row tiles, loads by the bulk copy engine (H100, 2026-11-21, commit b372e93). From 32 rows on,
 # persistent programs (a fixed grid walking every expert's tiles) win 1-11%; at <= 256 rows two 64-row programs a
 # multiprocessor with the scales fetched a step ahead, 1.02-1.03x (H200, commits 8777000 and edb8e0c). Above 256
-# rows the Gluon kernel (`kernels/triton/gemm_gluon.py`: one step's scaling overlaps the next step's product),
-# 1.09x the Triton kernel on an H200 (commit edb8e0c); where it does not apply (not Hopper, the masked layout) the
-# same tile runs on the Triton kernel. FP8 keeps block_k = 128 (one activation scale per row per K step).
+# rows the warp-specialized persistent Gluon kernel (`kernels/triton/gemm_gluon_ws.py`), 1.09-1.10x the
+# non-specialized Gluon kernel in two H200 sweeps (2026-11-21, this session); where it does not apply (not Hopper,
+# the masked layout) the same tile runs on the Triton kernel with num_warps=8. FP8 keeps block_k = 128 (one
+# activation scale per row per K step).
 _FP8_TILES: tuple[tuple[int, TileConfig], ...] = (
     (16, TileConfig(16, 128, 128, num_warps=4, num_stages=4, tma=True)),
     (32, TileConfig(32, 128, 128, num_warps=4, num_stages=5, tma=True, persistent=2, flatten=True)),
     (256, TileConfig(64, 128, 128, num_warps=4, num_stages=4, tma=True, persistent=2, prefetch_scales=True)),
-    (1 << 62, TileConfig(128, 128, 128, group_m=4, num_warps=8, num_stages=4, tma=True, persistent=1, gluon=True)),
+    (1 << 62, TileConfig(128, 128, 128, num_warps=8, num_stages=4, tma=True, persistent=1, warp_specialize=True,
+                         gluon=True)),
 )
 _HALF_TILES: tuple[tuple[int, TileConfig], ...] = (
     (16, TileConfig(16, 128, 128, num_warps=4, num_stages=4)),
@@ -143,8 +146,11 @@ def run_gemm(
     if fp8:
         require(cfg.block_k == ACT_GROUP and (ACT_GROUP % cfg.block_n == 0 or cfg.block_n % ACT_GROUP == 0),
                 f"FP8 tiles need block_k == 128 and block_n dividing 128 or a multiple of it, got {cfg}")
-    if cfg.gluon and gluon_supported(layout, a, k, fp8):
-        return run_gluon_fp8(a, b, out, counts, a_scale, b_scale, cfg)
+    if cfg.gluon:
+        if gluon_supported(layout, a, k, fp8):
+            return run_gluon_fp8(a, b, out, counts, a_scale, b_scale, cfg)
+        # With gluon, warp_specialize names the Gluon kernel's partitions: the Triton kernel runs unspecialized.
+        cfg = replace(cfg, gluon=False, warp_specialize=False)
     num_n = -(-n // cfg.block_n)
     row_tiles = -(-rows // cfg.block_m)
     m_slots = row_tiles

@@ -147,11 +147,16 @@ def test_grouped_gemm_variants(cfg):
 
 @pytest.mark.parametrize("gemm", ["gate_up", "down"])
 @pytest.mark.parametrize("cfg", [TileConfig(128, 128, 128, num_warps=8, num_stages=4, gluon=True),
-                                 TileConfig(64, 128, 128, num_warps=4, num_stages=4, gluon=True, group_m=16)],
-                         ids=["128x128", "64x128"])
+                                 TileConfig(64, 128, 128, num_warps=4, num_stages=4, gluon=True, group_m=16),
+                                 TileConfig(128, 128, 128, num_stages=5, persistent=1, warp_specialize=True,
+                                            gluon=True),
+                                 TileConfig(128, 64, 128, num_stages=6, persistent=1, warp_specialize=True,
+                                            gluon=True, group_m=4)],
+                         ids=["128x128", "64x128", "ws128x128", "ws128x64"])
 def test_gluon_fp8_grouped_gemm(gemm, cfg):
-    """The Gluon FP8 kernel at DeepSeek-V3 expert shapes, ragged and empty experts, against the reference; rows it
-    must not write keep their poison."""
+    """The Gluon FP8 kernels at DeepSeek-V3 expert shapes, ragged and empty experts, against the reference; rows they
+    must not write keep their poison. The warp-specialized one is persistent: here each program walks about 8 tiles
+    (gate_up) across experts."""
     n, k = (2 * INTER, H) if gemm == "gate_up" else (H, INTER)
     counts = torch.tensor(COUNTS, device=DEV)
     x = x_rows(sum(COUNTS), k, seed=30)

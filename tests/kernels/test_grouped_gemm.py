@@ -231,6 +231,8 @@ VARIANTS = {  # (bf16 config, FP8 config): the kernel variants the sweep chooses
                                TileConfig(16, 256, 128, tma=True, prefetch_scales=True)),
     # The Gluon kernel runs on Hopper only: elsewhere the flag falls back to the Triton kernel.
     "gluon_fallback": (TileConfig(16, 32, 64, gluon=True), TileConfig(16, 32, 128, gluon=True)),
+    "gluon_ws_fallback": (TileConfig(16, 32, 64, gluon=True, warp_specialize=True, persistent=1),
+                          TileConfig(16, 32, 128, gluon=True, warp_specialize=True, persistent=1)),
 }
 
 
