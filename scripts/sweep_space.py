@@ -162,8 +162,9 @@ def _gemm_shapes() -> list[GemmShape]:
     add("fp8 rows<=32", True, "masked", [("gate_up", 32, 16), ("down", 32, 16)])
     add("fp8 rows<=256", True, "contiguous", [("gate_up", 8, 64), ("gate_up", 8, 256), ("down", 8, 256)])
     add("fp8 rows<=256", True, "masked", [("down", 8, 32)])
-    add("fp8 rows>256", True, "contiguous", [("gate_up", 8, 512), ("gate_up", 8, 4096), ("gate_up", 32, 512),
-                                             ("down", 8, 512), ("down", 8, 4096), ("down", 32, 512)])
+    add("fp8 rows>256", True, "contiguous", [("gate_up", 8, 512), ("gate_up", 8, 1024), ("gate_up", 8, 4096),
+                                             ("gate_up", 32, 512), ("down", 8, 512), ("down", 8, 1024),
+                                             ("down", 8, 4096), ("down", 32, 512)])
     add("bf16 rows<=16", False, "masked", [("gate_up", 8, 8), ("down", 8, 8)])
     add("bf16 rows>128", False, "contiguous", [("gate_up", 8, 4096), ("gate_up", 32, 512), ("down", 8, 512)])
     return out
@@ -194,7 +195,9 @@ def _t(bm, bn, bk, w, s, *flags, **kw) -> TileConfig:
 # sweep ("pf") fetch the block scales one K step ahead: Triton leaves them as plain loads whose latency stalled every
 # K step (seen in the TTGIR of the Triton 3.6 build); 64-row tiles with 2-3 programs a multiprocessor let one
 # program's scaling overlap another's MMAs. "gluon": the Gluon kernel (kernels/triton/gemm_gluon.py), which scales
-# one K step's product while the next one multiplies.
+# one K step's product while the next one multiplies; "gluon" with "ws": its warp-specialized persistent form
+# (kernels/triton/gemm_gluon_ws.py: a TMA producer warp, two consumer warpgroups that hand ring slots back each on
+# its own instead of a CTA barrier per K step, so one's scaling runs under the other's MMAs).
 _CANDIDATES = {
     "fp8 rows<=16": [
         _t(16, 128, 128, 4, 4, "tma", "pf"), _t(16, 64, 128, 4, 5, "tma", "flat", "pf", p=2),
@@ -207,13 +210,15 @@ _CANDIDATES = {
     ],
     "fp8 rows<=256": [
         _t(64, 128, 128, 4, 4, "tma", "pf", p=2), _t(64, 128, 128, 4, 4, "gluon"), _t(64, 128, 128, 4, 6, "gluon"),
-        _t(128, 128, 128, 8, 4, "gluon"),
+        _t(128, 128, 128, 8, 4, "gluon"), _t(128, 128, 128, 4, 5, "gluon", "ws", p=1),
+        _t(128, 128, 128, 4, 4, "gluon", "ws", p=1, group_m=4),
     ],
     "fp8 rows>256": [
-        _t(64, 128, 128, 4, 4, "tma", "pf", p=2), _t(128, 128, 128, 8, 4, "gluon"),
-        _t(128, 128, 128, 8, 5, "gluon"), _t(128, 128, 128, 8, 3, "gluon"),
-        _t(128, 128, 128, 8, 4, "gluon", group_m=16), _t(128, 128, 128, 8, 4, "gluon", group_m=4),
-        _t(64, 128, 128, 4, 4, "gluon"), _t(64, 128, 128, 4, 6, "gluon"), _t(128, 64, 128, 8, 6, "gluon"),
+        _t(128, 128, 128, 8, 5, "gluon"),
+        _t(128, 128, 128, 4, 5, "gluon", "ws", p=1), _t(128, 128, 128, 4, 4, "gluon", "ws", p=1),
+        _t(128, 128, 128, 4, 5, "gluon", "ws", p=1, group_m=4), _t(128, 128, 128, 4, 4, "gluon", "ws", p=1, group_m=4),
+        _t(128, 128, 128, 4, 5, "gluon", "ws", p=1, group_m=2), _t(128, 128, 128, 4, 4, "gluon", "ws", p=1, group_m=2),
+        _t(128, 128, 128, 4, 5, "gluon", "ws", p=1, group_m=16),
     ],
     "bf16 rows<=16": [
         _t(16, 128, 128, 4, 4, "tma", "flat", p=2), _t(16, 128, 128, 4, 5, "tma", "flat", p=4),
