@@ -56,25 +56,40 @@ def test_cuda_matches_cpu(tiny_checkpoint, fp8):
         assert err.median() < 2e-2 and err.max() < 0.5, err
 
 
-def test_fp8_weights_on_gpu_match_the_cpu_references(tiny_checkpoint):
-    """FP8 weights kept on the GPU (Triton block-scaled GEMMs, grouped FP8 expert MLP) against the same FP8 math
-    through the torch references on the CPU: FP8 tolerance, per position."""
+def test_fp8_kernels_on_gpu_match_the_references_end_to_end(tiny_checkpoint, monkeypatch):
+    """FP8 weights kept on the GPU: the model through the Triton kernels (block-scaled GEMMs, grouped FP8 expert MLP,
+    fused router) against the same model on the same GPU through the torch references of those kernels, FP8
+    tolerance per position.
+
+    Same device on both sides on purpose: FP8 activations amplify rounding-level differences. In this tiny random
+    model, scaling the embeddings by 1 + 0.2% noise (about a bf16 rounding) moves the prompt logits by 9% (median per
+    position) with FP8 activations against 1.3% without (measured on the CPU references, 2026-11-21), so a CPU run,
+    whose bf16 attention and norms round differently, is no measure of these kernels. `test_cuda_matches_cpu` holds
+    the rest of the GPU path to the CPU."""
+    import engine.layers
+    import engine.moe
+
     # Dimensions in whole 128-blocks, as tests/engine/test_fp8_weights.py uses, so the experts stay FP8.
     aligned = tiny(fp8=True).replace(hidden_size=256, intermediate_size=256, moe_intermediate_size=128,
                                      q_lora_rank=128, kv_lora_rank=128)
-    ckpt = tiny_checkpoint(aligned, seed=9)
-    source = ModelSource.resolve(str(ckpt))
-    outs = []
-    for device in ("cpu", "cuda"):
-        model = build_model(source, device=torch.device(device), dtype=torch.bfloat16, fp8_weights=True,
-                            progress=False)
+    source = ModelSource.resolve(str(tiny_checkpoint(aligned, seed=9)))
+
+    def run():
+        model = build_model(source, device=torch.device("cuda"), dtype=torch.bfloat16, fp8_weights=True,
+                            progress=False, attention_backend="torch")
         assert model.moe_layers()[0].weights.w13.dtype == torch.float8_e4m3fn
         reqs = [Request(i, p, SamplingParams(max_new_tokens=4, ignore_eos=True)) for i, p in enumerate(PROMPTS)]
         Runner(model).generate(reqs, prompt_logits=True)
-        outs.append(reqs)
-    for cpu, gpu in zip(*outs):
-        err = row_rel(gpu.prompt_logits, cpu.prompt_logits)
-        assert err.median() < 3e-2 and err.max() < 0.5, err
+        return reqs
+
+    kernels = run()
+    for module, name in ((engine.layers, "fp8_linear"), (engine.moe, "grouped_mlp"), (engine.moe, "route")):
+        original = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, _f=original, **k: _f(*a, **{**k, "backend": "torch"}))
+    references = run()
+    for ours, ref in zip(kernels, references):
+        err = row_rel(ours.prompt_logits, ref.prompt_logits)
+        assert err.median() < 3e-2 and err.max() < 0.25, err
 
 
 def test_v3_shapes_dummy_forward():
