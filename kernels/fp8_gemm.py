@@ -39,7 +39,7 @@ def fp8_gemm(
         check_shape(out, "out", (m, n))
     check_same_device({"a_q": a_q, "a_scale": a_scale, "w_q": w_q, "w_scale": w_scale, "out": out})
     return run_gemm("dense", a_q, w_q, out, a_scale=a_scale, b_scale=w_scale,
-                    config=config or pick_tile(True, m, n, k))
+                    config=config or pick_tile(True, m, n, k, "dense"))
 
 
 def fp8_linear(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:

@@ -2,7 +2,7 @@
 
     python scripts/sweep_kernels.py [--only gemm,mla] [--workers 8] [--no-probe] [--budget-s 290] [--json FILE]
 
-- GEMM (`kernels.grouped_gemm.TileConfig`): per shape class of `pick_tile` (rows per expert <= 16, <= 32, <= 256,
+- GEMM (`kernels.grouped_gemm.TileConfig`): per shape class of `pick_tile` (rows per expert <= 16, <= 32, <= 128,
   more), FP8 and bf16, at DeepSeek-V3 expert shapes (gate_up N=4096 K=7168, down N=7168 K=2048), contiguous and
   masked (decode) layouts. Baselines in the same run: the current `pick_tile` choice ("default"),
   `torch._scaled_grouped_mm` (FP8 row-wise scales) and `torch._grouped_mm` (bf16) on the contiguous shapes.

@@ -160,11 +160,12 @@ def _gemm_shapes() -> list[GemmShape]:
     add("fp8 rows<=16", True, "masked", [("gate_up", 8, 8), ("down", 8, 8)])
     add("fp8 rows<=32", True, "contiguous", [("gate_up", 8, 32), ("down", 8, 32)])
     add("fp8 rows<=32", True, "masked", [("gate_up", 32, 16), ("down", 32, 16)])
-    add("fp8 rows<=256", True, "contiguous", [("gate_up", 8, 64), ("gate_up", 8, 256), ("down", 8, 256)])
-    add("fp8 rows<=256", True, "masked", [("down", 8, 32)])
-    add("fp8 rows>256", True, "contiguous", [("gate_up", 8, 512), ("gate_up", 8, 1024), ("gate_up", 8, 4096),
-                                             ("gate_up", 32, 512), ("down", 8, 512), ("down", 8, 1024),
-                                             ("down", 8, 4096), ("down", 32, 512)])
+    add("fp8 rows<=128", True, "contiguous", [("gate_up", 8, 64), ("gate_up", 8, 128), ("down", 8, 128)])
+    add("fp8 rows<=128", True, "masked", [("down", 8, 32)])
+    add("fp8 rows>128", True, "contiguous", [("gate_up", 8, 256), ("down", 8, 256), ("gate_up", 8, 512),
+                                             ("gate_up", 8, 1024), ("gate_up", 8, 4096), ("gate_up", 32, 512),
+                                             ("down", 8, 512), ("down", 8, 1024), ("down", 8, 4096),
+                                             ("down", 32, 512)])
     add("bf16 rows<=16", False, "masked", [("gate_up", 8, 8), ("down", 8, 8)])
     add("bf16 rows>128", False, "contiguous", [("gate_up", 8, 4096), ("gate_up", 32, 512), ("down", 8, 512)])
     return out
@@ -177,7 +178,7 @@ MLA_SHAPES: list[Shape] = [MlaShape("mla", "mla decode", f"mla B{b} ctx{c}", bat
 
 def default_tile(shape: GemmShape) -> TileConfig:
     n, k = shape.nk
-    return pick_tile(shape.fp8, shape.rows_per_expert(), n, k)
+    return pick_tile(shape.fp8, shape.rows_per_expert(), n, k, shape.layout)
 
 
 def _t(bm, bn, bk, w, s, *flags, **kw) -> TileConfig:
@@ -208,17 +209,13 @@ _CANDIDATES = {
         _t(32, 128, 128, 4, 5, "tma", "flat", "pf", p=2), _t(32, 64, 128, 4, 5, "tma", "pf"),
         _t(32, 128, 128, 4, 4, "tma", "pf"),
     ],
-    "fp8 rows<=256": [
-        _t(64, 128, 128, 4, 4, "tma", "pf", p=2), _t(64, 128, 128, 4, 4, "gluon"), _t(64, 128, 128, 4, 6, "gluon"),
-        _t(128, 128, 128, 8, 4, "gluon"), _t(128, 128, 128, 4, 5, "gluon", "ws", p=1),
-        _t(128, 128, 128, 4, 4, "gluon", "ws", p=1, group_m=4),
+    "fp8 rows<=128": [
+        _t(64, 128, 128, 4, 4, "tma", "pf", p=2), _t(128, 128, 128, 4, 4, "gluon", "ws", p=1),
     ],
-    "fp8 rows>256": [
-        _t(128, 128, 128, 8, 5, "gluon"),
-        _t(128, 128, 128, 4, 5, "gluon", "ws", p=1), _t(128, 128, 128, 4, 4, "gluon", "ws", p=1),
-        _t(128, 128, 128, 4, 5, "gluon", "ws", p=1, group_m=4), _t(128, 128, 128, 4, 4, "gluon", "ws", p=1, group_m=4),
-        _t(128, 128, 128, 4, 5, "gluon", "ws", p=1, group_m=2), _t(128, 128, 128, 4, 4, "gluon", "ws", p=1, group_m=2),
-        _t(128, 128, 128, 4, 5, "gluon", "ws", p=1, group_m=16),
+    "fp8 rows>128": [
+        _t(64, 128, 128, 4, 4, "tma", "pf", p=2), _t(128, 128, 128, 8, 5, "gluon"),
+        _t(128, 128, 128, 4, 5, "gluon", "ws", p=1), _t(128, 128, 128, 4, 4, "gluon", "ws", p=1, group_m=4),
+        _t(128, 128, 128, 4, 4, "gluon", "ws", p=1, group_m=2),
     ],
     "bf16 rows<=16": [
         _t(16, 128, 128, 4, 4, "tma", "flat", p=2), _t(16, 128, 128, 4, 5, "tma", "flat", p=4),

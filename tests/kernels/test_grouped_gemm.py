@@ -194,6 +194,10 @@ def test_tiles_follow_the_shape_class():
     for rows in (1, 16, 100, 1000, 10000):
         cfg = pick_tile(True, rows, 4096, 7168)
         assert cfg.block_k == 128 and (128 % cfg.block_n == 0 or cfg.block_n % 128 == 0)
+    # The Gluon kernels serve only the contiguous layout: the masked and dense layouts get Triton tiles.
+    assert pick_tile(True, 4096, 4096, 7168).warp_specialize and pick_tile(True, 4096, 4096, 7168).gluon
+    for layout in ("masked", "dense"):
+        assert not any(pick_tile(True, rows, 4096, 7168, layout).gluon for rows in (1, 64, 200, 4096))
 
 
 def test_launcher_names_what_is_wrong():
