@@ -73,26 +73,25 @@ class TileConfig:
 # (largest rows per expert, config), first match wins; the fastest of `scripts/sweep_kernels.py` at the DeepSeek-V3
 # expert shapes (8/32 experts, gate_up N=4096 K=7168, down N=7168 K=2048). Few rows per expert are weight-bandwidth
 # bound: short row tiles, loads by the bulk copy engine (H100, 2026-11-21, commit b372e93). From 32 rows on,
-# persistent programs (a fixed grid walking every expert's tiles) win 1-11%. The contiguous layout on Hopper runs
-# the Gluon kernels from 33 rows on: up to 128 rows the 64-row one (`kernels/triton/gemm_gluon.py`), 1.02-1.11x the
-# 64-row Triton tile below in three H200 sweeps; above, the warp-specialized persistent one
-# (`kernels/triton/gemm_gluon_ws.py`), 1.09-1.10x the non-specialized Gluon kernel over the >256 class and
-# 1.06-1.14x the 64-row tile at 256 rows (2026-11-21, commits 90f8362 and 173e0a2). The Triton tile for 33-256 rows
-# runs two 64-row programs a multiprocessor with the scales fetched a step ahead, 1.02-1.03x (H200, commits 8777000
-# and edb8e0c). FP8 keeps block_k = 128 (one activation scale per row per K step).
+# persistent programs (a fixed grid walking every expert's tiles) win 1-11%; up to 128 rows two 64-row programs a
+# multiprocessor with the scales fetched a step ahead, 1.02-1.03x (H200, commits 8777000 and edb8e0c; the 64-row
+# Gluon kernel was 1.02-1.11x in the sweeps but 0.82x at down E=8 64 rows in bench_kernels, commit effd8dd). Above
+# 128 rows, the contiguous layout on Hopper runs the warp-specialized persistent Gluon kernel
+# (`kernels/triton/gemm_gluon_ws.py`): 1.09-1.10x the non-specialized Gluon kernel over the >256 class and
+# 1.06-1.14x the 64-row tile at 256 rows, in H200 sweeps (2026-11-21, commits 90f8362 and 173e0a2). FP8 keeps
+# block_k = 128 (one activation scale per row per K step).
 _FP8_TILES: tuple[tuple[int, TileConfig], ...] = (
     (16, TileConfig(16, 128, 128, num_warps=4, num_stages=4, tma=True)),
     (32, TileConfig(32, 128, 128, num_warps=4, num_stages=5, tma=True, persistent=2, flatten=True)),
-    (128, TileConfig(64, 128, 128, num_warps=4, num_stages=4, tma=True, persistent=2, prefetch_scales=True,
-                     gluon=True)),
+    (128, TileConfig(64, 128, 128, num_warps=4, num_stages=4, tma=True, persistent=2, prefetch_scales=True)),
     (1 << 62, TileConfig(128, 128, 128, num_warps=8, num_stages=4, tma=True, persistent=1, warp_specialize=True,
                          gluon=True)),
 )
 # The Gluon kernels serve the contiguous layout only: the masked (decode) and dense layouts keep the Triton tiles
-# they were tuned with above 32 rows. On GPUs other than Hopper a gluon tile runs on the Triton kernel (`run_gemm`),
-# with the fields the Gluon kernels ignore (tma, persistent, prefetch_scales): those are the Triton tiles here.
+# they were tuned with above 128 rows. On GPUs other than Hopper the gluon tile runs on the Triton kernel
+# (`run_gemm`), with the fields the Gluon kernels ignore (tma, persistent, num_warps).
 _FP8_TRITON_TILES: tuple[tuple[int, TileConfig], ...] = (
-    (256, replace(_FP8_TILES[2][1], gluon=False)),
+    (256, _FP8_TILES[2][1]),
     (1 << 62, TileConfig(128, 128, 128, group_m=4, num_warps=8, num_stages=4, tma=True, persistent=1)),
 )
 _HALF_TILES: tuple[tuple[int, TileConfig], ...] = (
