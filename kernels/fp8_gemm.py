@@ -11,6 +11,7 @@ import torch
 from kernels.act_quant import act_quant
 from kernels.checks import FP8, check_same_device, check_shape, check_tensor, require
 from kernels.fp8 import ACT_GROUP, act_quant_ref, fp8_gemm_ref
+from kernels.gluon_gemm import gluon_supported
 from kernels.grouped_gemm import BACKENDS, TileConfig, pick_tile, run_gemm
 
 
@@ -38,6 +39,13 @@ def fp8_gemm(
         check_tensor(out, "out", dims=2, dtypes=(out_dtype,))
         check_shape(out, "out", (m, n))
     check_same_device({"a_q": a_q, "a_scale": a_scale, "w_q": w_q, "w_scale": w_scale, "out": out})
+    cfg = config or pick_tile(True, m, n, k)
+    if cfg.gluon and gluon_supported("contiguous", a_q, k, True) and w_q.is_contiguous():
+        # One expert holding every row: the contiguous layout's Gluon kernels serve dense GEMMs too. The count
+        # is made on the device (no host sync, fine inside a CUDA graph).
+        counts = torch.full((1,), m, dtype=torch.int32, device=a_q.device)
+        return run_gemm("contiguous", a_q, w_q[None], out, counts=counts, a_scale=a_scale, b_scale=w_scale[None],
+                        config=cfg)
     return run_gemm("dense", a_q, w_q, out, a_scale=a_scale, b_scale=w_scale,
                     config=config or pick_tile(True, m, n, k, "dense"))
 
