@@ -23,7 +23,8 @@ PROMPTS = [[5, 99, 17, 3, 250, 77, 401, 12, 9], [300, 44], [8, 123, 7, 7, 7, 1, 
 
 def run(ckpt: Path, device: str, dtype: torch.dtype):
     # Dense weights on both devices: the same math, so CPU and GPU agree to rounding. The FP8-weight path (FP8
-    # activations too) is checked against its own CPU references in test_fp8_weights_on_gpu_match_the_cpu_references.
+    # activations too) is checked against the torch references on the same GPU in
+    # test_fp8_kernels_on_gpu_match_the_references_end_to_end.
     model = build_model(ModelSource.resolve(str(ckpt)), device=torch.device(device), dtype=dtype, fp8_weights=False,
                         progress=False)
     reqs = [Request(i, p, SamplingParams(max_new_tokens=6, ignore_eos=True)) for i, p in enumerate(PROMPTS)]
