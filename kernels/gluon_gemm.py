@@ -13,6 +13,7 @@ import functools
 import torch
 
 from kernels.checks import require
+from kernels.triton import is_hopper
 
 UNROLL = 2  # K steps an iteration of the kernel's K loop (4 runs out of registers at 128x128 tiles)
 WS_CONSUMER_REGS = 232  # registers a thread of the second consumer warpgroup (the producer warp keeps 24)
@@ -23,15 +24,9 @@ def _num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-@functools.cache
-def _is_hopper(device: torch.device) -> bool:
-    """Cached: the check runs on every GEMM launch."""
-    return torch.cuda.get_device_capability(device)[0] == 9
-
-
 def gluon_supported(layout: str, a: torch.Tensor, k: int, fp8: bool) -> bool:
     """Whether the Gluon kernel can run this GEMM here (otherwise the Triton kernel does)."""
-    return fp8 and layout == "contiguous" and a.is_cuda and k % (128 * UNROLL) == 0 and _is_hopper(a.device)
+    return fp8 and layout == "contiguous" and a.is_cuda and k % (128 * UNROLL) == 0 and is_hopper(a.device)
 
 
 def run_gluon_fp8(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, counts: torch.Tensor, a_scale: torch.Tensor,

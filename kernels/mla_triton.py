@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 import triton
 
+from kernels.triton import is_hopper
 from kernels.triton import mla_decode as mla_jit
 
 
@@ -19,7 +20,8 @@ class MLADecodeConfig:
     """Tiling of the split kernel. block_h: query heads per program (they share every latent row loaded);
     block_n: tokens per inner step; num_splits: KV splits per sequence (None: enough programs to fill the GPU).
 
-    The default serves 64 heads per program with two warpgroups: on Hopper both products run on wgmma, each
+    The default (16-bit inputs) sets gluon: on Hopper the Gluon kernel runs; elsewhere the Triton kernel with the
+    rest of the fields, which serves 64 heads per program with two warpgroups: both products on the MMA units, each
     warpgroup accumulating half of the 512 latent columns (128 fp32 registers a thread), and each latent row is
     read twice for 128 heads (the second time mostly from L2). Three stages let the page-table loads run a block
     ahead of the row gathers they feed; two 64-token buffers (72 KB each, beside 72 KB of queries) fill shared
@@ -33,6 +35,11 @@ class MLADecodeConfig:
     Triton lays a product that feeds another product with all warps along M, and with 64 heads (one warpgroup's
     rows) both warpgroups compute the whole tile: the QK^T product (576 of the 1088 FLOP a score) runs twice, each
     time reading q and the rows from shared memory in narrow n32 MMAs. The kernel breaks that chain (see the loop).
+
+    gluon: run the warp-specialized Gluon kernel of `kernels/triton/mla_decode_gluon.py` instead (a score
+    warpgroup that also gathers the rows a block ahead, two output warpgroups of 256 latent channels each) where it
+    applies: Hopper, 16-bit inputs, latent 512 + rope 64, 64 heads and 64 tokens a block; the Triton kernel (with
+    the other fields) elsewhere. num_splits still applies.
 
     qk_in_branch (with split_qk): a copy of the score products in each arm of the last-block mask branch. Compiled
     for sm_90 (Triton 3.6), split_qk alone leaves the PV product in flight into the next block's score products and
@@ -50,6 +57,7 @@ class MLADecodeConfig:
     lazy_rescale: bool = False
     split_qk: bool = False
     qk_in_branch: bool = False
+    gluon: bool = False
 
     def __post_init__(self):
         if self.qk_in_branch and not self.split_qk:
@@ -58,7 +66,7 @@ class MLADecodeConfig:
     def short(self) -> str:
         """A compact name: `h64 n64 w8 s3 splits=auto lazy splitqk qkbranch`."""
         flags = ((" lazy" if self.lazy_rescale else "") + (" splitqk" if self.split_qk else "")
-                 + (" qkbranch" if self.qk_in_branch else ""))
+                 + (" qkbranch" if self.qk_in_branch else "") + (" gluon" if self.gluon else ""))
         return (f"h{self.block_h} n{self.block_n} w{self.num_warps} s{self.num_stages} "
                 f"splits={self.num_splits or 'auto'}{flags}")
 
@@ -74,8 +82,10 @@ def default_config(dtype: torch.dtype) -> MLADecodeConfig:
     """The tiling for this input dtype (float32 tiles are twice the bytes, so they are halved)."""
     if dtype == torch.float32:
         return MLADecodeConfig(block_h=16, block_n=16, num_warps=4, num_stages=1)
-    # The sweep's winner on an H200 (2026-11-21, commit cb541a8): 1.12x the unsplit score tile.
-    return MLADecodeConfig(num_stages=4, split_qk=True)
+    # On Hopper the warp-specialized Gluon kernel: 1.27-1.55x the Triton kernel, 70-80% of flashinfer's speed in
+    # the H200 sweep (2026-11-21). Elsewhere the Triton sweep's winner (H200, commit cb541a8): 1.12x the unsplit
+    # score tile.
+    return MLADecodeConfig(num_stages=4, split_qk=True, gluon=True)
 
 
 def pick_num_splits(batch: int, head_blocks: int, max_tokens: int, block_n: int, num_sms: int) -> int:
@@ -152,21 +162,24 @@ def mla_decode_triton(
         stride_lse = lse.stride()[:2]
 
     block_r, block_dr = max(16, triton.next_power_of_2(r)), max(16, triton.next_power_of_2(d_r))
-    mla_jit.mla_decode_split_kernel[(head_blocks, b, splits)](
-        q_latent, q_rope, kv_cache, page_table, seq_lens, partial, lse,
-        q_latent.stride(0), q_latent.stride(1),
-        q_rope.stride(0), q_rope.stride(1),
-        kv_cache.stride(0),
-        page_table.stride(0),
-        *stride_partial,
-        *stride_lse,
-        h, split_len, scale * math.log2(math.e),
-        RANK=r, ROPE_DIM=d_r, PAGE_SIZE=page_size,
-        BLOCK_H=cfg.block_h, BLOCK_N=cfg.block_n, BLOCK_R=block_r, BLOCK_DR=block_dr,
-        FINAL=final, DOT_PRECISION="ieee" if q_latent.dtype == torch.float32 else "tf32",
-        LAZY_RESCALE=cfg.lazy_rescale, SPLIT_QK=cfg.split_qk, QK_IN_BRANCH=cfg.qk_in_branch,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
+    # Both split kernels take the same leading arguments.
+    args = (q_latent, q_rope, kv_cache, page_table, seq_lens, partial, lse,
+            q_latent.stride(0), q_latent.stride(1), q_rope.stride(0), q_rope.stride(1), kv_cache.stride(0),
+            page_table.stride(0), *stride_partial, *stride_lse, h, split_len, scale * math.log2(math.e))
+    grid = (head_blocks, b, splits)
+    if cfg.gluon and _gluon_applies(q_latent, r, d_r, cfg):
+        from kernels.triton.mla_decode_gluon import mla_decode_gluon_kernel
+
+        mla_decode_gluon_kernel[grid](*args, RANK=r, ROPE_DIM=d_r, PAGE_SIZE=page_size, FINAL=final, STAGES=2,
+                                      OUTPUT_REGS=GLUON_OUTPUT_REGS, num_warps=4)
+    else:
+        mla_jit.mla_decode_split_kernel[grid](
+            *args, RANK=r, ROPE_DIM=d_r, PAGE_SIZE=page_size,
+            BLOCK_H=cfg.block_h, BLOCK_N=cfg.block_n, BLOCK_R=block_r, BLOCK_DR=block_dr,
+            FINAL=final, DOT_PRECISION="ieee" if q_latent.dtype == torch.float32 else "tf32",
+            LAZY_RESCALE=cfg.lazy_rescale, SPLIT_QK=cfg.split_qk, QK_IN_BRANCH=cfg.qk_in_branch,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
     if not final:
         mla_jit.mla_decode_combine_kernel[(h, b)](
             partial, lse, out,
@@ -178,3 +191,13 @@ def mla_decode_triton(
             num_warps=4,
         )
     return out
+
+
+GLUON_OUTPUT_REGS = 184  # registers a thread of each output warpgroup (a 64x256 fp32 accumulator and the rest)
+
+
+def _gluon_applies(q: torch.Tensor, r: int, d_r: int, cfg: MLADecodeConfig) -> bool:
+    """Whether the Gluon kernel can serve this call (otherwise the Triton kernel does)."""
+    return (q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and (r, d_r) == (512, 64)
+            and cfg.block_h == 64 and cfg.block_n == 64 and is_hopper(q.device))
+

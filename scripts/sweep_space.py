@@ -230,8 +230,10 @@ _CANDIDATES = {
 # split_qk with 4 stages. Its build has every wgmma serialised by ptxas (warning C7515: the PV product runs across the
 # loop's back edge while the branchy score code of the next block runs); qk_in_branch places the score products in
 # both arms of the mask branch, which removes that, at the cost of waiting for PV inside its own iteration. 32-token
-# blocks then fit three row buffers (gathers two blocks ahead).
+# blocks then fit three row buffers (gathers two blocks ahead). gluon: the warp-specialized Gluon kernel
+# (kernels/triton/mla_decode_gluon.py).
 _MLA = [
+    MLADecodeConfig(num_stages=4, split_qk=True),
     MLADecodeConfig(num_stages=4, split_qk=True, qk_in_branch=True),
     MLADecodeConfig(num_stages=3, split_qk=True, qk_in_branch=True),
     MLADecodeConfig(block_n=32, num_stages=5, split_qk=True, qk_in_branch=True),

@@ -16,6 +16,7 @@ launchers import these modules only when they launch, so code that only uses the
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -44,3 +45,10 @@ def ensure_runnable(device: torch.device) -> None:
         f"Triton kernels need CUDA tensors, got {device}; on a CPU use backend='torch' (the reference), or set "
         "TRITON_INTERPRET=1 before triton is first imported to run them under Triton's interpreter"
     )
+
+
+@functools.cache
+def is_hopper(device: torch.device) -> bool:
+    """Whether `device` is a Hopper GPU (compute capability 9.x), where the Gluon kernels run. Cached: launchers ask
+    on every call."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 9

@@ -17,6 +17,7 @@ from kernels.attention_backend import create_attention_backend
 from kernels.mla import mla_decode_torch, pages_to_slots
 from kernels.mla_triton import MLADecodeConfig, mla_decode_triton
 from kernels.router import grouped_topk, route
+from kernels.triton import is_hopper
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 HEADS, RANK, ROPE = 128, 512, 64
@@ -74,11 +75,16 @@ def test_decode_backends_real_sizes(name, page_size):
 @pytest.mark.parametrize("cfg", [
     MLADecodeConfig(lazy_rescale=True), MLADecodeConfig(num_stages=2, lazy_rescale=True),
     MLADecodeConfig(block_n=32, num_stages=4), MLADecodeConfig(num_warps=16), MLADecodeConfig(num_splits=2),
+    MLADecodeConfig(gluon=True), MLADecodeConfig(gluon=True, num_splits=1), MLADecodeConfig(gluon=True, num_splits=5),
 ], ids=lambda c: c.short().replace(" ", "-"))
 @pytest.mark.parametrize("page_size", [1, 16])
 def test_triton_decode_variants(cfg, page_size):
-    """The tilings `scripts/sweep_kernels.py` chooses among, at DeepSeek-V3 sizes: within 1e-2 of the reference."""
+    """The tilings `scripts/sweep_kernels.py` chooses among, at DeepSeek-V3 sizes: within 1e-2 of the reference.
+    The Gluon kernel (Hopper) with its own split count (2 here), one split (the output written directly), and
+    5 splits (the last ones past the end of the shorter sequences)."""
     q_latent, q_rope, kv, table, clean, lens = decode_case(32, 2048, page_size, seed=2)
+    if cfg.gluon and not is_hopper(q_latent.device):
+        pytest.skip("the Gluon MLA kernel runs on Hopper only")
     scale = 1 / math.sqrt(192)
     ref = mla_decode_torch(q_latent, q_rope, kv, pages_to_slots(clean, page_size), lens, scale)
     out = mla_decode_triton(q_latent, q_rope, kv, table, lens, scale, page_size=page_size, config=cfg)

@@ -104,6 +104,17 @@ def test_triton_matches_reference_float32(lens, heads, r, d_r, splits):
     assert rel_err(out, ref) < 1e-5
 
 
+def test_gluon_flag_falls_back_to_the_triton_kernel_off_hopper():
+    """The Gluon MLA kernel runs on Hopper only: elsewhere (here, the interpreter) the flag leaves the Triton kernel
+    with the config's other fields, and the same results."""
+    q_latent, q_rope, kv, table, clean, seq_lens = make_case([5, 40, 17], 20, 32, 16, torch.float32)
+    ref = reference(q_latent, q_rope, kv, clean, seq_lens, 0.2)
+    with poisoned_allocations():
+        out = mla_decode_triton(q_latent, q_rope, kv, table, seq_lens, 0.2,
+                                config=MLADecodeConfig(block_h=16, block_n=16, num_splits=2, gluon=True))
+    assert rel_err(out, ref) < 1e-5
+
+
 @pytest.mark.parametrize("page_size", [2, 4])
 def test_triton_pages_of_several_tokens(page_size):
     lens = [1, 9, 30, 4]  # last pages partly filled
