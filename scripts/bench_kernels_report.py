@@ -59,4 +59,11 @@ def targets(rows: list[dict]) -> list[str]:
             shares = [r["hbm_share"] for r in masked]
             out.append(f"masked decode GEMMs >= 70% of HBM bandwidth ({timing}): min {min(shares):.0%}, max "
                        f"{max(shares):.0%} -> {'met' if min(shares) >= 0.7 else 'NOT met'}")
+    mla = {(r["shape"], r["backend"]): r["us"] for r in rows
+           if r["section"] == "mla" and r.get("name") == "mla_decode" and r.get("us")}
+    speeds = [mla[shape, "flashinfer"] / us for (shape, backend), us in mla.items()
+              if backend == "triton" and (shape, "flashinfer") in mla]
+    if speeds:
+        out.append(f"Triton MLA decode >= 60% of flashinfer's speed: min {min(speeds):.0%}, max {max(speeds):.0%} "
+                   f"-> {'met' if min(speeds) >= 0.6 else 'NOT met'}")
     return out

@@ -1,4 +1,4 @@
-"""scripts/bench_kernels_report.py: the target verdicts judge each timing of the masked decode rows on its own."""
+"""scripts/bench_kernels_report.py: the target verdicts (masked decode per timing, FP8 ratios, MLA speed)."""
 
 from bench_kernels_report import grouped_table, targets
 
@@ -28,3 +28,14 @@ def test_fp8_ratio_uses_rows_of_512_and_more_only():
     assert "min 59%" in lines[1] and lines[1].endswith("NOT met")
     table = grouped_table(rows, ["gate_up", "down"])
     assert "1.02x" in table and "0.25x" in table
+
+
+def test_mla_target_compares_each_shape_with_flashinfer():
+    def row(shape, backend, us):
+        return dict(section="mla", name="mla_decode", shape=shape, backend=backend, us=us)
+
+    rows = [row("B=64", "flashinfer", 80.0), row("B=64", "triton", 100.0), row("B=64", "torch", 1600.0),
+            row("B=16", "flashinfer", 84.0), row("B=16", "triton", 150.0),
+            dict(section="mla", name="router", shape="T=128", backend="triton", us=7.0)]
+    lines = targets(rows)
+    assert lines == ["Triton MLA decode >= 60% of flashinfer's speed: min 56%, max 80% -> NOT met"]
