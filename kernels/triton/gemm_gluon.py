@@ -36,6 +36,34 @@ def _add(a, b):
 
 
 @gluon.jit
+def _expert_table(counts_ptr, num_experts, BLOCK_E: gl.constexpr, BLOCK_M: gl.constexpr, WARPS: gl.constexpr):
+    """Per expert (padded to BLOCK_E): its index, row count, row tiles, and the running end of its row tiles."""
+    vec: gl.constexpr = gl.BlockedLayout([1], [32], [WARPS], [0])
+    offs_e = gl.arange(0, BLOCK_E, layout=vec)
+    counts = gl.load(counts_ptr + offs_e, mask=offs_e < num_experts, other=0).to(gl.int32)
+    tiles = (counts + BLOCK_M - 1) // BLOCK_M
+    return offs_e, counts, tiles, gl.associative_scan(tiles, 0, _add)
+
+
+@gluon.jit
+def _tile(t, offs_e, counts, tiles, ends, num_m, num_n, GROUP_M: gl.constexpr, BLOCK_M: gl.constexpr,
+          BLOCK_N: gl.constexpr):
+    """Linear tile `t` -> (expert, first row of the expert, its row count, tile row offset within it, column).
+    GROUP_M row tiles share each column sweep (L2 reuse of B). Tiles past the experts' last get m0 >= count."""
+    per_group = GROUP_M * num_n
+    first_m = (t // per_group) * GROUP_M
+    size_m = gl.minimum(num_m - first_m, GROUP_M)
+    tile_m = first_m + (t % per_group) % size_m
+    tile_n = (t % per_group) // size_m
+    e = gl.sum((ends <= tile_m).to(gl.int32), 0)
+    before = offs_e < e
+    row0 = gl.sum(gl.where(before, counts, 0), 0)
+    count = gl.sum(gl.where(offs_e == e, counts, 0), 0)
+    m0 = (tile_m - gl.sum(gl.where(before, tiles, 0), 0)) * BLOCK_M
+    return e, row0, count, m0, tile_n * BLOCK_N
+
+
+@gluon.jit
 def _load_step(a_desc, b_desc, a_smem, b_smem, ready, step, num_k, a_row, b_row, STAGES: gl.constexpr):
     """Start the TMA copies of K step `step` (if it exists) into ring slot `step % STAGES`."""
     slot = step % STAGES
@@ -85,30 +113,14 @@ def fp8_grouped_gemm_kernel(
     gl.static_assert(128 % BLOCK_N == 0, "one weight scale per program: BLOCK_N must divide 128")
     # The launcher checks K % (128 * UNROLL) == 0: whole iterations of the K loop.
 
-    # Program -> (row tile, column tile), GROUP_M row tiles down each column (L2 reuse of B).
-    pid = gl.program_id(0)
+    # Program -> (expert, rows, column tile); GROUP_M row tiles down each column (L2 reuse of B). Past the last
+    # tile, count == 0.
+    offs_e, counts, tiles, ends = _expert_table(counts_ptr, num_experts, BLOCK_E, BLOCK_M, num_warps)
     num_n = gl.cdiv(N, BLOCK_N)
     num_m = gl.cdiv(rows, BLOCK_M) + num_experts
-    per_group = GROUP_M * num_n
-    first_m = (pid // per_group) * GROUP_M
-    size_m = gl.minimum(num_m - first_m, GROUP_M)
-    tile_m = first_m + (pid % per_group) % size_m
-    tile_n = (pid % per_group) // size_m
-
-    # This row tile's expert: how many experts' tiles end at or before it (empty experts end where the one before
-    # them ends, so they are skipped). Past the last tile, e == num_experts and count == 0.
-    vec: gl.constexpr = gl.BlockedLayout([1], [32], [num_warps], [0])
-    offs_e = gl.arange(0, BLOCK_E, layout=vec)
-    counts = gl.load(counts_ptr + offs_e, mask=offs_e < num_experts, other=0).to(gl.int32)
-    tiles = (counts + BLOCK_M - 1) // BLOCK_M
-    ends = gl.associative_scan(tiles, 0, _add)
-    e = gl.sum((ends <= tile_m).to(gl.int32), 0)
-    before = offs_e < e
-    row0 = gl.sum(gl.where(before, counts, 0), 0)
-    count = gl.sum(gl.where(offs_e == e, counts, 0), 0)
-    m0 = (tile_m - gl.sum(gl.where(before, tiles, 0), 0)) * BLOCK_M
+    e, row0, count, m0, n0 = _tile(gl.program_id(0), offs_e, counts, tiles, ends, num_m, num_n, GROUP_M, BLOCK_M,
+                                   BLOCK_N)
     if m0 < count:
-        n0 = tile_n * BLOCK_N
         a_row = row0 + m0
         b_row = e * N + n0
         num_k = gl.cdiv(K, BLOCK_K)

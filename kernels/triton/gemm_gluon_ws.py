@@ -23,37 +23,9 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier, warpgroup_mma, warpgroup_mma_wait
 
-from kernels.triton.gemm_gluon import _add, _tma_load
+from kernels.triton.gemm_gluon import _expert_table, _tile, _tma_load
 
 HALF_M = gl.constexpr(64)  # rows of a consumer warpgroup (one m64 wgmma)
-
-
-@gluon.jit
-def _expert_table(counts_ptr, num_experts, BLOCK_E: gl.constexpr, BLOCK_M: gl.constexpr, WARPS: gl.constexpr):
-    """Per expert (padded to BLOCK_E): its index, row count, row tiles, and the running end of its row tiles."""
-    vec: gl.constexpr = gl.BlockedLayout([1], [32], [WARPS], [0])
-    offs_e = gl.arange(0, BLOCK_E, layout=vec)
-    counts = gl.load(counts_ptr + offs_e, mask=offs_e < num_experts, other=0).to(gl.int32)
-    tiles = (counts + BLOCK_M - 1) // BLOCK_M
-    return offs_e, counts, tiles, gl.associative_scan(tiles, 0, _add)
-
-
-@gluon.jit
-def _tile(t, offs_e, counts, tiles, ends, num_m, num_n, GROUP_M: gl.constexpr, BLOCK_M: gl.constexpr,
-          BLOCK_N: gl.constexpr):
-    """Linear tile `t` -> (expert, first row of the expert, its row count, tile row offset within it, column).
-    GROUP_M row tiles share each column sweep (L2 reuse of B). Tiles past the experts' last get m0 >= count."""
-    per_group = GROUP_M * num_n
-    first_m = (t // per_group) * GROUP_M
-    size_m = gl.minimum(num_m - first_m, GROUP_M)
-    tile_m = first_m + (t % per_group) % size_m
-    tile_n = (t % per_group) // size_m
-    e = gl.sum((ends <= tile_m).to(gl.int32), 0)
-    before = offs_e < e
-    row0 = gl.sum(gl.where(before, counts, 0), 0)
-    count = gl.sum(gl.where(offs_e == e, counts, 0), 0)
-    m0 = (tile_m - gl.sum(gl.where(before, tiles, 0), 0)) * BLOCK_M
-    return e, row0, count, m0, tile_n * BLOCK_N
 
 
 @gluon.jit
