@@ -46,8 +46,9 @@ def fp8_gemm(
         counts = torch.full((1,), m, dtype=torch.int32, device=a_q.device)
         return run_gemm("contiguous", a_q, w_q[None], out, counts=counts, a_scale=a_scale, b_scale=w_scale[None],
                         config=cfg)
-    return run_gemm("dense", a_q, w_q, out, a_scale=a_scale, b_scale=w_scale,
-                    config=config or pick_tile(True, m, n, k, "dense"))
+    if config is None:
+        cfg = pick_tile(True, m, n, k, "dense")
+    return run_gemm("dense", a_q, w_q, out, a_scale=a_scale, b_scale=w_scale, config=cfg)
 
 
 def fp8_linear(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:

@@ -8,20 +8,13 @@ kernel of `kernels/triton/gemm.py`, which has the same contract.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
 from kernels.checks import require
-from kernels.triton import is_hopper
+from kernels.triton import is_hopper, num_sms
 
 UNROLL = 2  # K steps an iteration of the kernel's K loop (4 runs out of registers at 128x128 tiles)
 WS_CONSUMER_REGS = 232  # registers a thread of the second consumer warpgroup (the producer warp keeps 24)
-
-
-@functools.cache
-def _num_sms(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def gluon_supported(layout: str, a: torch.Tensor, k: int, fp8: bool) -> bool:
@@ -71,7 +64,7 @@ def run_gluon_fp8(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, counts: t
     if ws:
         from kernels.triton.gemm_gluon_ws import fp8_grouped_gemm_ws_kernel
 
-        grid = (max(1, min(tiles, max(1, cfg.persistent) * _num_sms(a.device))),)
+        grid = (max(1, min(tiles, max(1, cfg.persistent) * num_sms(a.device, interpreted=1))),)
         fp8_grouped_gemm_ws_kernel[grid](*args, BLOCK_E=block_e, GROUP_M=cfg.group_m, STAGES=cfg.num_stages,
                                          UNROLL=UNROLL, CONSUMER_REGS=WS_CONSUMER_REGS, num_warps=4)
         return out

@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass, replace
 from typing import Literal
 
@@ -22,7 +21,7 @@ from kernels.checks import FP8, HALF, check_counts, check_same_device, check_sha
 from kernels.fp8 import ACT_GROUP, dequantize_act
 from kernels.gluon_gemm import gluon_supported, run_gluon_fp8
 from kernels.moe import grouped_mlp_ref
-from kernels.triton import ensure_runnable, interpreting
+from kernels.triton import ensure_runnable, interpreting, num_sms
 
 Layout = Literal["contiguous", "masked"]
 BACKENDS = ("auto", "triton", "torch")
@@ -117,13 +116,6 @@ def pick_tile(fp8: bool, rows_per_expert: int, n: int, k: int, layout: str = "co
     return cfg
 
 
-@functools.cache
-def _num_sms(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 3  # the interpreter: a few programs, each walking several tiles
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
 def _descriptor(t: torch.Tensor, block: tuple[int, int]):
     """A 2-D bulk-copy descriptor over `t` viewed as `[rows, K]`, or None where the copy engine cannot address it
     (it needs 16-byte aligned base and row stride)."""
@@ -206,7 +198,7 @@ def run_gemm(
     if cfg.persistent:
         # A bound on the tile count from the shapes alone (no host sync): never launch more programs than that.
         tiles = (num_experts * row_tiles if masked else row_tiles + (num_experts if grouped else 0)) * num_n
-        grid = max(1, min(tiles, cfg.persistent * _num_sms(a.device)))
+        grid = max(1, min(tiles, cfg.persistent * num_sms(a.device, interpreted=3)))
         gemm_persistent_kernel[(grid,)](
             a_src, a_scale, b_src, b_scale, out, counts, num_experts, rows, n, k, *strides,
             FLATTEN=cfg.flatten, **common,

@@ -4,14 +4,13 @@ page size."""
 
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass
 
 import torch
 import triton
 
-from kernels.triton import is_hopper
+from kernels.triton import is_hopper, num_sms
 from kernels.triton import mla_decode as mla_jit
 
 
@@ -69,13 +68,6 @@ class MLADecodeConfig:
                  + (" qkbranch" if self.qk_in_branch else "") + (" gluon" if self.gluon else ""))
         return (f"h{self.block_h} n{self.block_n} w{self.num_warps} s{self.num_stages} "
                 f"splits={self.num_splits or 'auto'}{flags}")
-
-
-@functools.cache
-def _num_sms(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 8  # the interpreter: any small number exercises the split path
-    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def default_config(dtype: torch.dtype) -> MLADecodeConfig:
@@ -147,7 +139,8 @@ def mla_decode_triton(
     cfg = config or default_config(q_latent.dtype)
     head_blocks = triton.cdiv(h, cfg.block_h)
     max_tokens = page_table.shape[1] * page_size
-    splits = cfg.num_splits or pick_num_splits(b, head_blocks, max_tokens, cfg.block_n, _num_sms(q_latent.device))
+    sms = num_sms(q_latent.device, interpreted=8)  # any small number exercises the split path when interpreted
+    splits = cfg.num_splits or pick_num_splits(b, head_blocks, max_tokens, cfg.block_n, sms)
     splits = max(1, min(splits, triton.cdiv(max(max_tokens, 1), cfg.block_n)))
     split_len = triton.cdiv(triton.cdiv(max(max_tokens, 1), splits), cfg.block_n) * cfg.block_n
     final = splits == 1

@@ -52,3 +52,13 @@ def is_hopper(device: torch.device) -> bool:
     """Whether `device` is a Hopper GPU (compute capability 9.x), where the Gluon kernels run. Cached: launchers ask
     on every call."""
     return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 9
+
+
+@functools.cache
+def num_sms(device: torch.device, interpreted: int) -> int:
+    """Multiprocessors of a CUDA device, which size persistent and split grids; `interpreted` for the CPU
+    interpreter, where a small number still makes programs walk several tiles or splits. Cached: launchers ask on
+    every call."""
+    if device.type != "cuda":
+        return interpreted
+    return torch.cuda.get_device_properties(device).multi_processor_count
