@@ -27,6 +27,9 @@ from triton.experimental.gluon.language.nvidia.hopper import (
     warpgroup_mma_wait,
 )
 
+# Renamed after Triton 3.6 (the GPU hosts' version): the cp.async copy into shared memory (`async_load` later).
+_async_load = getattr(async_copy, "async_load", None) or async_copy.async_copy_global_to_shared
+
 BLOCK = gl.constexpr(64)  # heads a program, and tokens a block
 HALF = gl.constexpr(256)  # latent channels of an output warpgroup
 
@@ -44,9 +47,9 @@ def _gather(kv_smem, kr_smem, kv_ptr, page_table_ptr, stride_kv, stride_pt, b, n
     rows = gl.expand_dims(kv_ptr + (page * PAGE_SIZE + tok % PAGE_SIZE) * stride_kv, 1)
     cols = gl.expand_dims(gl.arange(0, COLS, layout=gl.SliceLayout(0, lay)), 0)
     for c in gl.static_range(0, RANK, COLS):
-        async_copy.async_copy_global_to_shared(kv_smem.slice(c, COLS, dim=1), rows + (c + cols))
+        _async_load(kv_smem.slice(c, COLS, dim=1), rows + (c + cols))
     gl.static_assert(ROPE_DIM == COLS, "the rotated key is one 64-channel piece")
-    async_copy.async_copy_global_to_shared(kr_smem, rows + (RANK + cols))
+    _async_load(kr_smem, rows + (RANK + cols))
 
 
 @gluon.jit
