@@ -34,37 +34,35 @@ BLOCK = gl.constexpr(64)  # heads a program, and tokens a block
 HALF = gl.constexpr(256)  # latent channels of an output warpgroup
 
 
-@gluon.jit
-def _gather(kv_smem, kr_smem, kv_ptr, page_table_ptr, stride_kv, stride_pt, b, n0, end,
-            RANK: gl.constexpr, ROPE_DIM: gl.constexpr, PAGE_SIZE: gl.constexpr):
-    """Start the copies of tokens `n0 .. n0 + 64` of sequence b (past `end`: the last valid token again, whose
-    scores the score warpgroup masks) into one ring slot, 64 channels at a time: the block's page ids are read once
-    (one load latency a block) and the pointer tensors stay at 4 per thread."""
-    COLS: gl.constexpr = 64
-    lay: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])  # 16-byte copies, 128 bytes a row a warp
-    tok = gl.minimum(n0 + gl.arange(0, BLOCK, layout=gl.SliceLayout(1, lay)), end - 1)
-    page = gl.load(page_table_ptr + b * stride_pt + tok // PAGE_SIZE).to(gl.int64)
-    rows = gl.expand_dims(kv_ptr + (page * PAGE_SIZE + tok % PAGE_SIZE) * stride_kv, 1)
-    cols = gl.expand_dims(gl.arange(0, COLS, layout=gl.SliceLayout(0, lay)), 0)
-    for c in gl.static_range(0, RANK, COLS):
-        _async_load(kv_smem.slice(c, COLS, dim=1), rows + (c + cols))
-    gl.static_assert(ROPE_DIM == COLS, "the rotated key is one 64-channel piece")
-    _async_load(kr_smem, rows + (RANK + cols))
+_COPY = gl.constexpr(gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0]))  # 16-byte copies, 128 bytes a row a warp
 
 
 @gluon.jit
-def _refill(kv_smem, kr_smem, ready, empty, kv_ptr, page_table_ptr, stride_kv, stride_pt, b, start, end, blk,
-            num_blocks, RANK: gl.constexpr, ROPE_DIM: gl.constexpr, PAGE_SIZE: gl.constexpr):
-    """Start the gathers of block `blk` (if there is one) into its ring slot, once every warpgroup is done with the
-    block that slot held before."""
+def _rows(kv_ptr, page_table_ptr, stride_kv, stride_pt, b, n0, end, PAGE_SIZE: gl.constexpr):
+    """Cache-row pointers `[64]` of tokens `n0 .. n0 + 64` of sequence b (past `end`: the last valid token again,
+    whose scores the score warpgroup masks; a block past the last reads page 0 and is never copied)."""
+    tok = gl.maximum(gl.minimum(n0 + gl.arange(0, BLOCK, layout=gl.SliceLayout(1, _COPY)), end - 1), 0)
+    page = gl.load(page_table_ptr + b * stride_pt + tok // PAGE_SIZE, mask=n0 < end, other=0).to(gl.int64)
+    return kv_ptr + (page * PAGE_SIZE + tok % PAGE_SIZE) * stride_kv
+
+
+@gluon.jit
+def _refill(kv_smem, kr_smem, ready, empty, rows, blk, num_blocks, RANK: gl.constexpr, ROPE_DIM: gl.constexpr):
+    """Start the copies of block `blk` (if there is one; its row pointers `rows`) into its ring slot, 64 channels
+    at a time (pointer tensors of 4 a thread), once every warpgroup is done with the block that slot held before."""
     STAGES: gl.constexpr = kv_smem.shape[0]
+    COLS: gl.constexpr = 64
+    gl.static_assert(ROPE_DIM == COLS, "the rotated key is one 64-channel piece")
     if blk < num_blocks:
         slot = blk % STAGES
         # Empty barriers start in the completed phase 1: the first pass over the ring does not wait.
         mbarrier.wait(empty.index(slot), ((blk // STAGES) & 1) ^ 1)
         fence_async_shared()  # the MMAs' reads of the slot (async proxy) before these writes
-        _gather(kv_smem.index(slot), kr_smem.index(slot), kv_ptr, page_table_ptr, stride_kv, stride_pt, b,
-                start + blk * BLOCK, end, RANK, ROPE_DIM, PAGE_SIZE)
+        ptrs = gl.expand_dims(rows, 1)
+        cols = gl.expand_dims(gl.arange(0, COLS, layout=gl.SliceLayout(0, _COPY)), 0)
+        for c in gl.static_range(0, RANK, COLS):
+            _async_load(kv_smem.index(slot).slice(c, COLS, dim=1), ptrs + (c + cols))
+        _async_load(kr_smem.index(slot), ptrs + (RANK + cols))
         # Each thread's arrival lands when its copies have; with the warpgroup's own arrival the phase completes.
         async_copy.mbarrier_arrive(ready.index(slot))
         mbarrier.arrive(ready.index(slot), count=1)
@@ -84,9 +82,11 @@ def _scores(q_smem, qr_smem, kv_smem, kr_smem, p_smem, alpha_smem, l_smem, ready
     m = gl.full([BLOCK], float("-inf"), gl.float32, row)
     total = gl.zeros([BLOCK], gl.float32, row)
     offs_n = gl.arange(0, BLOCK, layout=gl.SliceLayout(0, mma))
+    # Each block's page ids are read a block before its copies start, so the copies never wait on them.
+    rows = _rows(kv_ptr, page_table_ptr, stride_kv, stride_pt, b, start, end, PAGE_SIZE)
     for blk in gl.static_range(STAGES - 1):
-        _refill(kv_smem, kr_smem, ready, empty, kv_ptr, page_table_ptr, stride_kv, stride_pt, b, start, end, blk,
-                num_blocks, RANK, ROPE_DIM, PAGE_SIZE)
+        _refill(kv_smem, kr_smem, ready, empty, rows, blk, num_blocks, RANK, ROPE_DIM)
+        rows = _rows(kv_ptr, page_table_ptr, stride_kv, stride_pt, b, start + (blk + 1) * BLOCK, end, PAGE_SIZE)
     for blk in range(num_blocks):
         slot = blk % STAGES
         mbarrier.wait(ready.index(slot), (blk // STAGES) & 1)
@@ -95,8 +95,9 @@ def _scores(q_smem, qr_smem, kv_smem, kr_smem, p_smem, alpha_smem, l_smem, ready
         s = warpgroup_mma(qr_smem, kr_smem.index(slot).permute((1, 0)), s, is_async=True)
         # The next block's gathers go out while this block's scores multiply (its slot frees once the output
         # warpgroups are done with the block before this one).
-        _refill(kv_smem, kr_smem, ready, empty, kv_ptr, page_table_ptr, stride_kv, stride_pt, b, start, end,
-                blk + STAGES - 1, num_blocks, RANK, ROPE_DIM, PAGE_SIZE)
+        _refill(kv_smem, kr_smem, ready, empty, rows, blk + STAGES - 1, num_blocks, RANK, ROPE_DIM)
+        rows = _rows(kv_ptr, page_table_ptr, stride_kv, stride_pt, b, start + (blk + STAGES) * BLOCK, end,
+                     PAGE_SIZE)
         s = warpgroup_mma_wait(num_outstanding=0, deps=(s,))
         mbarrier.arrive(empty.index(slot), count=1)  # keys done; the output warpgroups still read the values
         valid = start + blk * BLOCK + offs_n < end
