@@ -74,9 +74,9 @@ def default_config(dtype: torch.dtype) -> MLADecodeConfig:
     """The tiling for this input dtype (float32 tiles are twice the bytes, so they are halved)."""
     if dtype == torch.float32:
         return MLADecodeConfig(block_h=16, block_n=16, num_warps=4, num_stages=1)
-    # On Hopper the warp-specialized Gluon kernel: 1.27-1.55x the Triton kernel, 70-80% of flashinfer's speed in
-    # the H200 sweep (2026-11-21). Elsewhere the Triton sweep's winner (H200, commit cb541a8): 1.12x the unsplit
-    # score tile.
+    # On Hopper the warp-specialized Gluon kernel: 1.4-1.7x the Triton kernel, 81-87% of flashinfer's speed on an
+    # H200 (2026-11-21, commit 732e01a). Elsewhere the Triton sweep's winner (H200, commit cb541a8): 1.12x the
+    # unsplit score tile.
     return MLADecodeConfig(num_stages=4, split_qk=True, gluon=True)
 
 
