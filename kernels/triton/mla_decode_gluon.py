@@ -6,9 +6,9 @@ sizes only (RANK 512, ROPE_DIM 64, 16-bit inputs).
 Why: the Triton kernel's two warpgroups both compute scores, both wait on the same row gathers, and ptxas serialises
 its products (see `kernels/mla_triton.py`). Here each job has its own warps:
 - the score warpgroup (the default partition) gathers each 64-token block's cached rows (latent and rotated key,
-  by page table, with `cp.async`) into a ring of two slots a block ahead, computes the `[64 heads, 64 tokens]`
-  scores of a block against all 576 channels (queries and rows from shared memory), runs the online softmax, and
-  posts the bf16 weights P and each head's rescale factor in shared memory;
+  by page table, with `cp.async`; the page ids a block earlier still) into a ring of two slots a block ahead,
+  computes the `[64 heads, 64 tokens]` scores of a block against all 576 channels (queries and rows from shared
+  memory), runs the online softmax, and posts the bf16 weights P and each head's rescale factor in shared memory;
 - two output warpgroups each hold half of the `[64, 512]` fp32 output and add `P @ V` for their 256 latent
   channels, while the score warpgroup already scores the next block.
 A ring slot is refilled once the score warpgroup (keys) and both output warpgroups (values) are done with it. Three
@@ -32,8 +32,6 @@ _async_load = getattr(async_copy, "async_load", None) or async_copy.async_copy_g
 
 BLOCK = gl.constexpr(64)  # heads a program, and tokens a block
 HALF = gl.constexpr(256)  # latent channels of an output warpgroup
-
-
 _COPY = gl.constexpr(gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0]))  # 16-byte copies, 128 bytes a row a warp
 
 
