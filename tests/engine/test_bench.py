@@ -1,11 +1,12 @@
-"""The bench's skewed prompt set, its throughput around the first EPLB rebalance, and its memory fields."""
+"""The bench's skewed prompt set, its warm-up, its throughput around the first EPLB rebalance, and its memory
+fields."""
 
 import json
 
 import pytest
 import torch
 
-from engine.bench import main, parse_args
+from engine.bench import main, parse_args, warmup_count
 from engine.bench_rebalance import rebalance_throughput, rebalance_windows
 from engine.build import ModelSource, build_model
 from engine.datasets import random_requests
@@ -95,3 +96,14 @@ def test_bench_reports_throughput_around_the_first_rebalance_and_memory(capsys):
     assert main(flags) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert "throughput_before_rebalance" not in result and result["eplb_rebalances"] == []
+
+
+def test_warmup_fills_one_prefill_step_unless_told():
+    """By default the warm-up runs a full prefill step's worth of prompts, so full steps' kernels are compiled
+    before timing; an explicit count (0 included) wins, and it never exceeds the benchmark's prompts."""
+    assert warmup_count(parse_args(["--random-input-len", "2000", "--num-prompts", "256"])) == 5  # 8192 tokens
+    assert warmup_count(parse_args(["--random-input-len", "2000", "--num-prompts", "3"])) == 3
+    assert warmup_count(parse_args(["--random-input-len", "100", "--num-prompts", "256",
+                                    "--chunked-prefill-size", "1024"])) == 11
+    assert warmup_count(parse_args(["--random-input-len", "20000", "--num-prompts", "8"])) == 1
+    assert warmup_count(parse_args(["--warmup-requests", "0", "--num-prompts", "8"])) == 0
