@@ -64,6 +64,20 @@ def _tile(t, offs_e, counts, tiles, ends, num_m, num_n, GROUP_M: gl.constexpr, B
 
 
 @gluon.jit
+def _store_tile(acc, c_ptr, stride_cm, a_row, m0, count, n0, N, ROW0: gl.constexpr, WARPS: gl.constexpr):
+    """Store `acc` `[R, BLOCK_N]` fp32, rows `ROW0 .. ROW0 + R` of the tile at C row `a_row` and column n0, in bf16
+    with coalesced 16-byte writes a thread: only the expert's rows (`m0 + row < count`) and columns below N."""
+    out: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [WARPS, 1], [1, 0])
+    c = gl.convert_layout(acc.to(gl.bfloat16), out)
+    offs_cm = ROW0 + gl.arange(0, acc.shape[0], layout=gl.SliceLayout(1, out))
+    offs_cn = gl.arange(0, acc.shape[1], layout=gl.SliceLayout(0, out))
+    c_ptrs = (c_ptr + (a_row + gl.expand_dims(offs_cm, 1)).to(gl.int64) * stride_cm
+              + (n0 + gl.expand_dims(offs_cn, 0)))
+    ok = gl.expand_dims(m0 + offs_cm < count, 1) & gl.expand_dims(n0 + offs_cn < N, 0)
+    gl.store(c_ptrs, c, mask=ok)
+
+
+@gluon.jit
 def _load_step(a_desc, b_desc, a_smem, b_smem, ready, step, num_k, a_row, b_row, STAGES: gl.constexpr):
     """Start the TMA copies of K step `step` (if it exists) into ring slot `step % STAGES`."""
     slot = step % STAGES
@@ -163,12 +177,4 @@ def fp8_grouped_gemm_kernel(
         for s in gl.static_range(STAGES):
             mbarrier.invalidate(ready.index(s))
 
-        # Coalesced stores: 8 bf16 (16 bytes) a thread along N.
-        out: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [num_warps, 1], [1, 0])
-        c = gl.convert_layout(acc.to(gl.bfloat16), out)
-        offs_cm = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, out))
-        offs_cn = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, out))
-        c_ptrs = (c_ptr + (a_row + gl.expand_dims(offs_cm, 1)).to(gl.int64) * stride_cm
-                  + (n0 + gl.expand_dims(offs_cn, 0)))
-        ok = gl.expand_dims(m0 + offs_cm < count, 1) & gl.expand_dims(n0 + offs_cn < N, 0)
-        gl.store(c_ptrs, c, mask=ok)
+        _store_tile(acc, c_ptr, stride_cm, a_row, m0, count, n0, N, 0, num_warps)

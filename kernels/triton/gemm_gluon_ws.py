@@ -23,7 +23,7 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier, warpgroup_mma, warpgroup_mma_wait
 
-from kernels.triton.gemm_gluon import _expert_table, _tile, _tma_load
+from kernels.triton.gemm_gluon import _expert_table, _store_tile, _tile, _tma_load
 
 HALF_M = gl.constexpr(64)  # rows of a consumer warpgroup (one m64 wgmma)
 
@@ -91,14 +91,11 @@ def _consumer(a_smem, b_smem, ready, empty, a_scale_ptr, b_scale_ptr, c_ptr, cou
     BLOCK_N: gl.constexpr = b_smem.shape[1]
     BLOCK_K: gl.constexpr = b_smem.shape[2]
     mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_N, 32])
-    out: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])  # 16 bytes a thread along N
     offs_e, counts, tiles, ends = _expert_table(counts_ptr, num_experts, BLOCK_E, 2 * HALF_M, 4)
     num_n = gl.cdiv(N, BLOCK_N)
     num_m = gl.cdiv(rows, 2 * HALF_M) + num_experts
     num_k = K // BLOCK_K
     offs_m = HALF * HALF_M + gl.arange(0, HALF_M, layout=gl.SliceLayout(1, mma))
-    offs_cm = HALF * HALF_M + gl.arange(0, HALF_M, layout=gl.SliceLayout(1, out))
-    offs_cn = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, out))
     zero = gl.zeros([HALF_M, BLOCK_N], gl.float32, mma)
     it = 0
     for t in range(gl.program_id(0), num_m * num_n, gl.num_programs(0)):
@@ -121,11 +118,7 @@ def _consumer(a_smem, b_smem, ready, empty, a_scale_ptr, b_scale_ptr, c_ptr, cou
                 acc = _retire(acc, part, scale, empty, it + kb + UNROLL - 1, 0)
             it += num_k
 
-            c = gl.convert_layout(acc.to(gl.bfloat16), out)
-            c_ptrs = (c_ptr + (a_row + gl.expand_dims(offs_cm, 1)).to(gl.int64) * stride_cm
-                      + (n0 + gl.expand_dims(offs_cn, 0)))
-            ok = gl.expand_dims(m0 + offs_cm < count, 1) & gl.expand_dims(n0 + offs_cn < N, 0)
-            gl.store(c_ptrs, c, mask=ok)
+            _store_tile(acc, c_ptr, stride_cm, a_row, m0, count, n0, N, HALF * HALF_M, 4)
 
 
 @gluon.jit
