@@ -93,26 +93,38 @@ def test_masked_matches_reference_on_valid_rows(fp8):
     assert rel(y[ok], grouped_gemm_ref(a, b, counts, "masked", **kwargs)[ok]) < 1e-2
 
 
+def ragged_case(layout, fp8, n, seed):
+    """5 experts of 7, 0, 40, 1 and 19 rows, K = 256: (counts, a contiguous `[67, K]` or masked `[5, 40, K]`,
+    b `[5, n, K]`, the FP8 scale kwargs when fp8 (a and b then e4m3))."""
+    counts = torch.tensor([7, 0, 40, 1, 19], device=DEV)
+    e, k = 5, 256
+    a = rand(int(counts.sum()), k, seed=seed) if layout == "contiguous" else rand(e, 40, k, seed=seed)
+    b = rand(e, n, k, seed=seed + 1, scale=0.1)
+    if not fp8:
+        return counts, a, b, {}
+    a, a_s = act_quant_ref(a)
+    b, b_s = fp8_experts(b)
+    return counts, a, b, {"a_scale": a_s, "b_scale": b_s}
+
+
+def valid_pair(layout, counts, y, y_ref):
+    """(y, y_ref), in the masked layout only the rows below each expert's count."""
+    if layout != "masked":
+        return y, y_ref
+    ok = valid_rows(counts, 40)
+    return y[ok], y_ref[ok]
+
+
 @pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "fp8"])
 @pytest.mark.parametrize("layout", ["contiguous", "masked"])
 def test_bulk_copy_and_fewer_row_slots(layout, fp8):
     """The TMA variant, and a masked grid sized for 8 rows per expert (each program then walks several row tiles):
     the same results as the reference."""
-    counts = torch.tensor([7, 0, 40, 1, 19], device=DEV)
-    e, n, k = 5, 96, 256  # K and the row strides 16-byte aligned, so the bulk copy engine can address them
-    a = rand(int(counts.sum()), k, seed=12) if layout == "contiguous" else rand(e, 40, k, seed=12)
-    b = rand(e, n, k, seed=13, scale=0.1)
-    kwargs = {}
-    if fp8:
-        a, a_s = act_quant_ref(a)
-        b, b_s = fp8_experts(b)
-        kwargs = dict(a_scale=a_s, b_scale=b_s)
+    # K and the row strides 16-byte aligned, so the bulk copy engine can address them
+    counts, a, b, kwargs = ragged_case(layout, fp8, n=96, seed=12)
     cfg = TileConfig(16, 32, 128 if fp8 else 64, tma=True)
     y = grouped_gemm(a, b, counts, layout, config=cfg, expected_m=8, **kwargs)
-    y_ref = grouped_gemm_ref(a, b, counts, layout, **kwargs)
-    if layout == "masked":
-        ok = valid_rows(counts, 40)
-        y, y_ref = y[ok], y_ref[ok]
+    y, y_ref = valid_pair(layout, counts, y, grouped_gemm_ref(a, b, counts, layout, **kwargs))
     assert not y.isnan().any()
     assert rel(y, y_ref) < 1e-2
 
@@ -247,21 +259,11 @@ def test_kernel_variants_match_reference(layout, variant, fp8):
     """Persistent programs (several tiles each, across experts, empty experts skipped), 256-wide column tiles (FP8:
     one weight scale per column, N past one 128-column scale block and off the tile), warp specialization and scales
     fetched a K step ahead (the last step's fetch is clamped: K = 256 is two steps)."""
-    counts = torch.tensor([7, 0, 40, 1, 19], device=DEV)
-    e, n, k = 5, 300, 256
-    a = rand(int(counts.sum()), k, seed=14) if layout == "contiguous" else rand(e, 40, k, seed=14)
-    b = rand(e, n, k, seed=15, scale=0.1)
-    kwargs = {}
-    if fp8:
-        a, a_s = act_quant_ref(a)
-        b, b_s = fp8_experts(b)
-        kwargs = {"a_scale": a_s, "b_scale": b_s}
+    n = 300
+    counts, a, b, kwargs = ragged_case(layout, fp8, n=n, seed=14)
     out = torch.full((*a.shape[:-1], n), float("nan"), dtype=torch.bfloat16, device=DEV)
     y = grouped_gemm(a, b, counts, layout, config=VARIANTS[variant][fp8], out=out, **kwargs)
-    y_ref = grouped_gemm_ref(a, b, counts, layout, **kwargs)
-    if layout == "masked":
-        ok = valid_rows(counts, 40)
-        y, y_ref = y[ok], y_ref[ok]
+    y, y_ref = valid_pair(layout, counts, y, grouped_gemm_ref(a, b, counts, layout, **kwargs))
     assert not y.isnan().any(), "a row was left unwritten"
     assert rel(y, y_ref) < 1e-2
 
