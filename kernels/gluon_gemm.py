@@ -29,9 +29,9 @@ def run_gluon_fp8(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, counts: t
     a `[M, K]` e4m3 (row stride a multiple of 16 bytes), b `[E, N, K]` e4m3 contiguous, a_scale `[M, K/128]`
     float32, b_scale `[E, N/128, K/128]` float32, out `[M, N]` bf16, counts `[E]` on the device.
     cfg: a `TileConfig` with block_n dividing 128 and block_k == 128; block_m == 16 * num_warps, or with
-    warp_specialize block_m == 128 and `persistent` programs a multiprocessor (1 if 0). The specialized kernel's
-    warps are fixed by its partitions (two consumer warpgroups and a producer warp): it ignores num_warps, which
-    then serves the Triton kernel where this one does not apply.
+    warp_specialize block_m == 128, block_n 256 or dividing 128, and `persistent` programs a multiprocessor (0: one
+    a tile). The specialized kernel's warps are fixed by its partitions (two consumer warpgroups and a producer
+    warp): it ignores num_warps, which then serves the Triton kernel where this one does not apply.
     """
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
@@ -40,9 +40,9 @@ def run_gluon_fp8(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, counts: t
     e, n, _ = b.shape
     ws = cfg.warp_specialize
     if ws:
-        require(cfg.block_m == 128 and cfg.block_k == 128 and 128 % cfg.block_n == 0,
+        require(cfg.block_m == 128 and cfg.block_k == 128 and (128 % cfg.block_n == 0 or cfg.block_n == 256),
                 f"the warp-specialized Gluon FP8 kernel needs 128-row tiles (two 64-row consumer warpgroups), "
-                f"block_k 128 and block_n dividing 128, got {cfg}")
+                f"block_k 128 and block_n 256 or dividing 128, got {cfg}")
     else:
         require(cfg.block_k == 128 and 128 % cfg.block_n == 0 and cfg.block_m == 16 * cfg.num_warps,
                 f"the Gluon FP8 kernel needs block_k 128, block_n dividing 128 and block_m = 16 * num_warps, "
@@ -52,21 +52,28 @@ def run_gluon_fp8(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, counts: t
         return out
     a_block = [cfg.block_m // 2 if ws else cfg.block_m, 128]  # the specialized kernel loads A in 64-row halves
     a_layout = gl.NVMMASharedLayout.get_default_for(a_block, gl.float8e4nv)
-    b_layout = gl.NVMMASharedLayout.get_default_for([cfg.block_n, 128], gl.float8e4nv)
+    pieces = 2 if cfg.block_n == 256 else 1  # a 256-wide tile reads B in two 128-row pieces, one scale each
+    b_block = [cfg.block_n // pieces, 128]
+    b_layout = gl.NVMMASharedLayout.get_default_for(b_block, gl.float8e4nv)
     flat_b = b.reshape(e * n, k)
     a_desc = TensorDescriptor(a, list(a.shape), list(a.stride()), a_block, a_layout)
-    b_desc = TensorDescriptor(flat_b, list(flat_b.shape), list(flat_b.stride()), [cfg.block_n, 128], b_layout)
+    b_desc = TensorDescriptor(flat_b, list(flat_b.shape), list(flat_b.stride()), b_block, b_layout)
     tiles = (-(-m // cfg.block_m) + e) * -(-n // cfg.block_n)
     args = (a_desc, b_desc, a_scale, b_scale, out, counts, e, m, n, k,
             a_scale.stride(0), a_scale.stride(1), b_scale.stride(0), b_scale.stride(1), b_scale.stride(2),
             out.stride(0))
-    block_e = max(16, 1 << (e - 1).bit_length())
+    # The 128x256 kernel's expert table is 64 wide at least: at 32, ptxas spilled its accumulators around every
+    # product (Triton 3.6 and 3.9, sm_90a); at 64 neither does (tests/kernels/test_gluon_compile.py). Triton 3.6,
+    # the GPU hosts', is clean at 128 and 256 too; 3.9 spills there.
+    block_e = max(64 if pieces == 2 else 16, 1 << (e - 1).bit_length())
     if ws:
         from kernels.triton.gemm_gluon_ws import fp8_grouped_gemm_ws_kernel
 
-        grid = (max(1, min(tiles, max(1, cfg.persistent) * num_sms(a.device, interpreted=1))),)
+        # persistent 0: one program per tile, dispatched in tile order by the hardware as multiprocessors free up.
+        grid = (tiles if cfg.persistent == 0 else max(1, min(tiles, cfg.persistent * num_sms(a.device, 1))),)
         fp8_grouped_gemm_ws_kernel[grid](*args, BLOCK_E=block_e, GROUP_M=cfg.group_m, STAGES=cfg.num_stages,
-                                         UNROLL=UNROLL, CONSUMER_REGS=WS_CONSUMER_REGS, num_warps=4)
+                                         UNROLL=UNROLL, NB=pieces, CONSUMER_REGS=WS_CONSUMER_REGS,
+                                         num_warps=4)
         return out
     from kernels.triton.gemm_gluon import fp8_grouped_gemm_kernel
 

@@ -77,14 +77,15 @@ class TileConfig:
 # Gluon kernel was 1.02-1.11x in the sweeps but 0.82x at down E=8 64 rows in bench_kernels, commit effd8dd). Above
 # 128 rows, the contiguous layout on Hopper runs the warp-specialized persistent Gluon kernel
 # (`kernels/triton/gemm_gluon_ws.py`): 1.09-1.10x the non-specialized Gluon kernel over the >256 class and
-# 1.06-1.14x the 64-row tile at 256 rows, in H200 sweeps (2026-11-21, commits 90f8362 and 173e0a2). FP8 keeps
-# block_k = 128 (one activation scale per row per K step).
+# 1.06-1.14x the 64-row tile at 256 rows, in H200 sweeps (2026-11-21, commits 90f8362 and 173e0a2); with 128x256
+# tiles (a quarter less L2 traffic per FLOP) 1.08-1.09x its 128x128 tiles over 12 shapes of 256-4096 rows, group_m 4
+# and 8 tied (H200 sweep, 2026-11-21, session 5). FP8 keeps block_k = 128 (one activation scale per row per K step).
 _FP8_TILES: tuple[tuple[int, TileConfig], ...] = (
     (16, TileConfig(16, 128, 128, num_warps=4, num_stages=4, tma=True)),
     (32, TileConfig(32, 128, 128, num_warps=4, num_stages=5, tma=True, persistent=2, flatten=True)),
     (128, TileConfig(64, 128, 128, num_warps=4, num_stages=4, tma=True, persistent=2, prefetch_scales=True)),
-    (1 << 62, TileConfig(128, 128, 128, num_warps=8, num_stages=4, tma=True, persistent=1, warp_specialize=True,
-                         gluon=True)),
+    (1 << 62, TileConfig(128, 256, 128, group_m=4, num_warps=8, num_stages=4, tma=True, persistent=1,
+                         warp_specialize=True, gluon=True)),
 )
 # The Gluon kernels serve the contiguous layout only: the masked (decode) and dense layouts keep the Triton tiles
 # they were tuned with above 128 rows. On GPUs other than Hopper the gluon tile runs on the Triton kernel

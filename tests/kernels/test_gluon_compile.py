@@ -59,12 +59,12 @@ def _gemm():
                               dict(BLOCK_E=16, GROUP_M=4, STAGES=4, UNROLL=UNROLL, num_warps=8), GEMM_ALIGNED)
 
 
-def _gemm_ws(stages: int):
+def _gemm_ws(stages: int, pieces: int = 1, block_e: int = 16):
     from kernels.gluon_gemm import UNROLL, WS_CONSUMER_REGS
     from kernels.triton.gemm_gluon_ws import fp8_grouped_gemm_ws_kernel
 
     return compile_for_hopper(fp8_grouped_gemm_ws_kernel, _fp8_descriptors(64, 128),
-                              dict(BLOCK_E=16, GROUP_M=8, STAGES=stages, UNROLL=UNROLL,
+                              dict(BLOCK_E=block_e, GROUP_M=8, STAGES=stages, UNROLL=UNROLL, NB=pieces,
                                    CONSUMER_REGS=WS_CONSUMER_REGS, num_warps=4), GEMM_ALIGNED)
 
 
@@ -85,9 +85,32 @@ BUILDS = {
     "gemm 128x128 s4": (_gemm, False),
     "gemm ws s4": (lambda: _gemm_ws(4), True),
     "gemm ws s5": (lambda: _gemm_ws(5), True),
+    "gemm ws 128x256 s4": (lambda: _gemm_ws(4, pieces=2, block_e=64), True),
     "mla one split": (lambda: _mla(True), True),
     "mla splits": (lambda: _mla(False), True),
 }
+
+
+def spills_among_products(cubin: bytes) -> int:
+    """Local-memory loads and stores (spills) inside the runs of tensor-core products of a cubin's SASS: a run ends
+    where more than 200 instructions pass without a product. Spills there cost a round trip to L1 every K step."""
+    import tempfile
+
+    import triton
+
+    nvdisasm = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "nvdisasm"
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        sass = subprocess.run([str(nvdisasm), "-c", f.name], capture_output=True, text=True, check=True).stdout
+    lines = sass.splitlines()
+    products = [i for i, line in enumerate(lines) if "GMMA." in line]
+    runs, start = [], products[0] if products else None
+    for prev, cur in zip(products, products[1:] + [None]):
+        if cur is None or cur - prev > 200:
+            runs.append((start, prev))
+            start = cur
+    return sum(1 for a, b in runs for line in lines[a:b] if "STL" in line or "LDL" in line)
 
 
 def compile_all() -> dict[str, dict]:
@@ -97,7 +120,8 @@ def compile_all() -> dict[str, dict]:
         try:
             k = build()
             out[name] = {"shared": k.metadata.shared, "cubin": len(k.asm["cubin"]),
-                         "setmaxnreg": "setmaxnreg" in k.asm["ptx"]}
+                         "setmaxnreg": "setmaxnreg" in k.asm["ptx"],
+                         "loop_spills": spills_among_products(k.asm["cubin"])}
         except Exception as exc:  # noqa: BLE001 - reported to the test, which names the kernel
             out[name] = {"error": f"{type(exc).__name__}: {str(exc)[-3000:]}"}
     return out
@@ -117,6 +141,7 @@ def test_gluon_kernel_compiles_for_hopper(compiled, name):
     result = compiled[name]
     assert "error" not in result, result.get("error")
     assert result["cubin"] > 0 and 0 < result["shared"] <= HOPPER_SMEM, result
+    assert result["loop_spills"] == 0, f"{name}: ptxas spilled registers between tensor-core products: {result}"
     if BUILDS[name][1]:  # the partitions trade registers (setmaxnreg): the light ones give to the consumers
         assert result["setmaxnreg"], result
 

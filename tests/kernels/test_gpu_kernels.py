@@ -151,8 +151,10 @@ def test_grouped_gemm_variants(cfg):
                                  TileConfig(128, 128, 128, num_stages=5, persistent=1, warp_specialize=True,
                                             gluon=True),
                                  TileConfig(128, 64, 128, num_stages=6, persistent=1, warp_specialize=True,
-                                            gluon=True, group_m=4)],
-                         ids=["128x128", "64x128", "ws128x128", "ws128x64"])
+                                            gluon=True, group_m=4),
+                                 TileConfig(128, 256, 128, num_stages=4, persistent=1, warp_specialize=True,
+                                            gluon=True)],
+                         ids=["128x128", "64x128", "ws128x128", "ws128x64", "ws128x256"])
 def test_gluon_fp8_grouped_gemm(gemm, cfg):
     """The Gluon FP8 kernels at DeepSeek-V3 expert shapes, ragged and empty experts, against the reference; rows they
     must not write keep their poison. The warp-specialized one is persistent: here each program walks about 8 tiles
@@ -170,6 +172,22 @@ def test_gluon_fp8_grouped_gemm(gemm, cfg):
     assert rel(y, grouped_gemm_ref(x_q, w_q, counts, "contiguous", a_scale=x_s, b_scale=w_s)) < 1e-2
 
 
+
+def test_gluon_ws_wide_tile_past_the_last_column():
+    """128x256 tiles where N = 640 is not a multiple of 256: the last tile's right piece lies past N (its weight
+    scale is not read, its columns not stored). The output is a column slice of a poisoned buffer, so a store past
+    N or into a row of another expert would show."""
+    n, k = 640, 512
+    counts = torch.tensor(COUNTS, device=DEV)
+    x = x_rows(sum(COUNTS), k, seed=32)
+    _, w_q, w_s = fp8_experts(len(COUNTS), n, k, seed=33)
+    x_q, x_s = act_quant(x)
+    cfg = TileConfig(128, 256, 128, num_stages=4, persistent=1, warp_specialize=True, gluon=True)
+    buf = torch.full((sum(COUNTS), n + 128), float("nan"), dtype=torch.bfloat16, device=DEV)
+    y = grouped_gemm(x_q, w_q, counts, "contiguous", a_scale=x_s, b_scale=w_s, config=cfg, out=buf[:, :n])
+    assert not y.isnan().any(), "a row or column was left unwritten"
+    assert buf[:, n:].isnan().all(), "a column past N was written"
+    assert rel(y, grouped_gemm_ref(x_q, w_q, counts, "contiguous", a_scale=x_s, b_scale=w_s)) < 1e-2
 
 @pytest.mark.parametrize("tma", [False, True], ids=["pointers", "tma"])
 def test_grouped_gemm_masked(tma):
