@@ -249,6 +249,9 @@ VARIANTS = {  # (bf16 config, FP8 config): the kernel variants the sweep chooses
     "gluon_fallback": (TileConfig(16, 32, 64, gluon=True), TileConfig(16, 32, 128, gluon=True)),
     "gluon_ws_fallback": (TileConfig(16, 32, 64, gluon=True, warp_specialize=True, persistent=1),
                           TileConfig(16, 32, 128, gluon=True, warp_specialize=True, persistent=1)),
+    # The FP8 default above 128 rows is 256 wide: off Hopper the Triton kernel runs it with a scale per column.
+    "gluon_ws_wide_fallback": (TileConfig(16, 256, 64, gluon=True, warp_specialize=True, persistent=1),
+                               TileConfig(16, 256, 128, gluon=True, warp_specialize=True, persistent=1)),
 }
 
 
