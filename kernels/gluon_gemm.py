@@ -14,7 +14,9 @@ from kernels.checks import require
 from kernels.triton import is_hopper, num_sms
 
 UNROLL = 2  # K steps an iteration of the kernel's K loop (4 runs out of registers at 128x128 tiles)
-WS_CONSUMER_REGS = 232  # registers a thread of the second consumer warpgroup (the producer warp keeps 24)
+# Registers a thread of a worker consumer warpgroup: the second one at 128x128 tiles (the producer warp keeps 24),
+# both at 128x256 tiles (the producer is then the default warpgroup and keeps the rest).
+WS_CONSUMER_REGS = 232
 
 
 def gluon_supported(layout: str, a: torch.Tensor, k: int, fp8: bool) -> bool:
@@ -30,8 +32,8 @@ def run_gluon_fp8(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, counts: t
     float32, b_scale `[E, N/128, K/128]` float32, out `[M, N]` bf16, counts `[E]` on the device.
     cfg: a `TileConfig` with block_n dividing 128 and block_k == 128; block_m == 16 * num_warps, or with
     warp_specialize block_m == 128, block_n 256 or dividing 128, and `persistent` programs a multiprocessor (0: one
-    a tile). The specialized kernel's warps are fixed by its partitions (two consumer warpgroups and a producer
-    warp): it ignores num_warps, which then serves the Triton kernel where this one does not apply.
+    a tile). The specialized kernel's warps are fixed by its partitions (two consumer warpgroups and a producer):
+    it ignores num_warps, which then serves the Triton kernel where this one does not apply.
     """
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
